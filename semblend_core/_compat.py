@@ -1,0 +1,39 @@
+"""The one place that decides which optional dependencies are installed.
+
+``has_module`` probes are cached so hot paths can call them freely; ``require`` raises an ImportError that tells
+the user which extra to install. Nothing here imports a heavy package unless asked to.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from types import ModuleType
+
+from semblend_core.errors import MissingDependencyError
+
+
+@functools.lru_cache(maxsize=None)
+def has_module(name: str) -> bool:
+    """True if ``name`` can be imported (without importing it). Blocked modules (``sys.modules[name] = None``) count as absent."""
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(name: str, extra: str) -> ModuleType:
+    """Import ``name`` or raise ``MissingDependencyError("pip install semblend[extra]")``."""
+    if not has_module(name):
+        raise MissingDependencyError(f"{name} is required for this feature: pip install 'semblend[{extra}]'")
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:  # present but broken (e.g. blocked in sys.modules)
+        raise MissingDependencyError(
+            f"{name} could not be imported ({exc}); pip install 'semblend[{extra}]'"
+        ) from exc

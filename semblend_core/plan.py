@@ -1,0 +1,227 @@
+"""``SemanticKvPlan``: what the core hands an adapter. Frozen; adapters never re-run alignment.
+
+Vocabulary
+----------
+* A **span** ``Span(donor_start, target_start, length)`` says donor tokens ``[donor_start, donor_start+length)``
+  equal target tokens ``[target_start, target_start+length)``. Its KV can be moved by ``delta = target_start -
+  donor_start`` positions with RoPE re-rotation. Spans never overlap in the target.
+* A span is **context-exact** when ``donor_start == target_start == 0``: its KV is bit-for-bit what a cold prefill
+  would compute. Every other span start is a **seam**: the reused tokens saw a different context in the donor, so
+  the first tokens after each seam and a budget of deviation-selected tokens are recomputed.
+* A **fuzzy span** marks a near-identical (not identical) region. It is evidence only: its differing tokens are
+  always in ``recompute_positions`` and it is never materialized as exact KV.
+
+Outcomes (telemetry) are decided later: the core reports a planned hit; only an adapter that actually loaded KV
+may record ``materialized`` (rule 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from semblend_core.namespace import CacheNamespace
+
+
+class Outcome:
+    """Telemetry outcomes, one per request."""
+
+    EXACT = "exact"                  # the engine's own exact prefix cache covers the prompt; no semantic work
+    DISCOVERY_ONLY = "discovery_only"  # a hit was planned but the deployment only records evidence
+    MATERIALIZED = "materialized"    # the backend loaded donor KV (reported by the adapter)
+    DECLINED = "declined"            # a candidate or request existed but a gate or a check refused it
+    COLD = "cold"                    # no candidate donor: normal prefill
+    ALL = (EXACT, DISCOVERY_ONLY, MATERIALIZED, DECLINED, COLD)
+
+
+class Reason:
+    """Reasons a plan gives. Stable strings: dashboards and tests key on them."""
+
+    HIT = "hit"
+    DISABLED = "disabled"
+    EMPTY_PROMPT = "empty_prompt"
+    BELOW_MIN_PROMPT_TOKENS = "below_min_prompt_tokens"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    INVALID_TOKENS = "invalid_tokens"
+    EXACT_PREFIX_SUFFICIENT = "exact_prefix_sufficient"
+    NO_CANDIDATE = "no_candidate"
+    BELOW_MIN_SIMILARITY = "below_min_similarity"
+    BELOW_MIN_REUSE_RATIO = "below_min_reuse_ratio"
+    NO_GAIN_OVER_EXACT_PREFIX = "no_gain_over_exact_prefix"
+    NOT_CONTEXT_EXACT = "not_context_exact"
+    INVALID_EMBEDDING = "invalid_embedding"
+    NAMESPACE = "namespace"
+    ROPE_NOT_SHIFT_INVARIANT = "rope_not_shift_invariant"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """Donor tokens ``[donor_start, donor_start+length)`` == target tokens ``[target_start, target_start+length)``."""
+
+    donor_start: int
+    target_start: int
+    length: int
+
+    @property
+    def delta(self) -> int:
+        """RoPE position shift to apply to the donor KV: ``target_start - donor_start``."""
+        return self.target_start - self.donor_start
+
+    @property
+    def target_end(self) -> int:
+        return self.target_start + self.length
+
+    @property
+    def donor_end(self) -> int:
+        return self.donor_start + self.length
+
+    @property
+    def context_exact(self) -> bool:
+        """True when the span is a shared prefix at position 0: its KV equals a cold prefill's."""
+        return self.donor_start == 0 and self.target_start == 0
+
+
+@dataclass(frozen=True)
+class FuzzySpan:
+    """A near-identical region: donor ``[donor_start, donor_end)`` ~ target ``[target_start, target_end)``."""
+
+    donor_start: int
+    donor_end: int
+    target_start: int
+    target_end: int
+    ratio: float  # rapidfuzz Indel normalized similarity in [0, 1]
+
+
+@dataclass(frozen=True)
+class PlanTimings:
+    """Seconds spent per stage of ``SemBlendPipeline.plan``."""
+
+    discovery_s: float = 0.0
+    embedding_s: float = 0.0
+    alignment_s: float = 0.0
+    total_s: float = 0.0
+
+
+def _ranges_to_positions(ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
+    if not ranges:
+        out = np.zeros(0, dtype=np.int64)
+    else:
+        out = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True)
+class SemanticKvPlan:
+    """Everything an adapter needs to reuse donor KV for one prompt. Immutable.
+
+    ``recompute_ranges`` are half-open target ranges ``(start, stop)`` that must be computed fresh: positions no span
+    covers, the first ``seam_recompute_tokens`` of every seam, fuzzy regions, and (always) the last prompt token so
+    the engine produces fresh logits. ``layer_recompute[i]`` is the fraction of *reused* tokens to refresh at layer
+    ``i`` (bathtub policy) on top of those; empty when the model's layer count is unknown.
+    """
+
+    is_hit: bool
+    reason: str
+    target_len: int
+    namespace: CacheNamespace
+    donor_id: str | None = None
+    donor_len: int = 0
+    similarity: float = 0.0
+    spans: tuple[Span, ...] = ()
+    fuzzy_spans: tuple[FuzzySpan, ...] = ()
+    recompute_ranges: tuple[tuple[int, int], ...] = ()
+    layer_recompute: tuple[float, ...] = ()
+    recompute_budget: float = 0.0
+    discovery: str = ""  # "anchors" | "embedding" | "" : which path found the donor
+    strict_prefix_boundary: bool = True
+    engine_prefix_tokens: int = 0
+    timings: PlanTimings = field(default_factory=PlanTimings)
+    details: tuple[tuple[str, Any], ...] = ()
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def reused_tokens(self) -> int:
+        return sum(s.length for s in self.spans)
+
+    @property
+    def reuse_ratio(self) -> float:
+        """Fraction of target tokens covered by exact spans (before seam recompute)."""
+        return self.reused_tokens / self.target_len if self.target_len else 0.0
+
+    @property
+    def position_deltas(self) -> tuple[int, ...]:
+        """RoPE shift per span, in ``spans`` order."""
+        return tuple(s.delta for s in self.spans)
+
+    @property
+    def seams(self) -> tuple[int, ...]:
+        """Target positions where a reused span starts without an identical context."""
+        return tuple(s.target_start for s in self.spans if not s.context_exact)
+
+    @property
+    def recompute_positions(self) -> np.ndarray:
+        """Read-only int64 array of target positions to compute fresh (sorted, unique)."""
+        return _ranges_to_positions(self.recompute_ranges)
+
+    @property
+    def recomputed_fraction(self) -> float:
+        return sum(b - a for a, b in self.recompute_ranges) / self.target_len if self.target_len else 0.0
+
+    def prefix_reusable_tokens(self, block_size: int) -> int:
+        """Tokens an engine that can only skip a *prefix* may load from the donor, floored to ``block_size``.
+
+        Counts the contiguous run of exact spans from target position 0. With ``strict_prefix_boundary`` it stops
+        at the first seam after position 0 (one donor region, one RoPE delta); otherwise it runs across seams while
+        coverage is contiguous. Never includes the last prompt token (the engine must compute fresh logits) and
+        never includes a fuzzy region. Returns 0 for a miss.
+        """
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if not self.is_hit or not self.spans:
+            return 0
+        covered = 0
+        for i, span in enumerate(self.spans):
+            if span.target_start != covered:
+                break
+            if i > 0 and self.strict_prefix_boundary:
+                break
+            covered = span.target_end
+        covered = min(covered, self.target_len - 1)
+        return max(0, (covered // block_size) * block_size)
+
+    def detail(self, key: str, default: Any = None) -> Any:
+        for k, v in self.details:
+            if k == key:
+                return v
+        return default
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (for ``semblend plan --json`` and logs)."""
+        return {
+            "is_hit": self.is_hit,
+            "reason": self.reason,
+            "donor_id": self.donor_id,
+            "similarity": round(float(self.similarity), 6),
+            "reuse_ratio": round(self.reuse_ratio, 6),
+            "target_len": self.target_len,
+            "donor_len": self.donor_len,
+            "discovery": self.discovery,
+            "spans": [
+                {"donor_start": s.donor_start, "target_start": s.target_start, "length": s.length, "delta": s.delta}
+                for s in self.spans
+            ],
+            "fuzzy_spans": [
+                {"donor": [f.donor_start, f.donor_end], "target": [f.target_start, f.target_end],
+                 "ratio": round(f.ratio, 4)} for f in self.fuzzy_spans
+            ],
+            "recompute_ranges": [list(r) for r in self.recompute_ranges],
+            "recomputed_fraction": round(self.recomputed_fraction, 6),
+            "layer_recompute": list(self.layer_recompute),
+            "namespace": self.namespace.key,
+            "timings_ms": {k: round(v * 1e3, 4) for k, v in self.timings.__dict__.items()},
+            "details": {k: v for k, v in self.details},
+        }
