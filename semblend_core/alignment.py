@@ -1,0 +1,190 @@
+"""Alignment: which donor token runs equal which target token runs, at any offset.
+
+Contract: ``align(donor, target, params) -> Alignment`` with
+
+* ``spans``: exact ``Span`` s sorted by ``target_start``; donor tokens equal target tokens on every span; spans
+  never overlap in the target (they may reuse one donor region twice, e.g. a repeated passage); every span is at
+  least ``min_span`` long, except exact blocks recovered inside a fuzzy region (at least ``min_fuzzy_block``).
+* ``fuzzy_spans``: near-identical but not identical regions (rapidfuzz Indel ratio >= ``fuzzy_min_ratio``),
+  evidence only.
+
+Method: winnowed k-gram anchors of the target are looked up among all donor k-gram hashes (sorted once); each hit
+is a seed on a diagonal ``d - t``. On each of the most-seeded diagonals the equality mask of the overlapping
+tokens is computed in one vector pass and its runs of at least ``min_span`` become candidate spans (maximal by
+construction). Candidates are chosen longest-first without target overlap (trimming partial overlaps). Gaps
+between chosen spans are then matched with rapidfuzz (``Indel.opcodes`` on the token lists) to recover short
+identical blocks and to mark near-identical regions. There is deliberately no order-agnostic bag-of-tokens
+fallback: reuse is only ever claimed for identical ordered runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rapidfuzz.distance import Indel
+
+from semblend_core.fingerprint import kgram_hashes, winnow
+from semblend_core.plan import FuzzySpan, Span
+
+_MAX_DIAGONALS = 64
+_MAX_SEEDS_PER_ANCHOR = 8
+_MAX_FUZZY_GAP = 4096
+
+
+@dataclass(frozen=True)
+class AlignParams:
+    shingle_tokens: int = 8
+    winnow_window: int = 8
+    min_span: int = 16
+    fuzzy: bool = True
+    fuzzy_min_ratio: float = 0.8
+    min_fuzzy_block: int = 8
+
+
+@dataclass(frozen=True)
+class Alignment:
+    spans: tuple[Span, ...]
+    fuzzy_spans: tuple[FuzzySpan, ...]
+
+    @property
+    def matched_tokens(self) -> int:
+        return sum(s.length for s in self.spans)
+
+
+@dataclass(frozen=True)
+class DonorHashes:
+    """Per-donor precomputation reused across alignments: k-gram hashes sorted, with their positions."""
+
+    sorted_hashes: np.ndarray
+    sorted_positions: np.ndarray
+
+    @classmethod
+    def build(cls, donor: np.ndarray, k: int) -> DonorHashes:
+        h = kgram_hashes(donor, k)
+        order = np.argsort(h, kind="stable")
+        return cls(h[order], order.astype(np.int64))
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the True runs of a boolean vector."""
+    if mask.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    padded = np.concatenate(([False], mask, [False])).view(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    starts, ends = edges[0::2], edges[1::2]
+    return starts.astype(np.int64), (ends - starts).astype(np.int64)
+
+
+def _seed_diagonals(donor_hashes: DonorHashes, target: np.ndarray, params: AlignParams) -> np.ndarray:
+    """Distinct diagonals (donor_pos - target_pos) of verified-by-hash seeds, most-seeded first."""
+    ht = kgram_hashes(target, params.shingle_tokens)
+    if ht.size == 0 or donor_hashes.sorted_hashes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    tpos = winnow(ht, params.winnow_window)
+    q = ht[tpos]
+    sh = donor_hashes.sorted_hashes
+    lo = np.searchsorted(sh, q, side="left")
+    hi = np.searchsorted(sh, q, side="right")
+    counts = hi - lo
+    keep = (counts > 0) & (counts <= _MAX_SEEDS_PER_ANCHOR)  # very repetitive k-grams carry no alignment signal
+    if not keep.any():
+        return np.zeros(0, dtype=np.int64)
+    lo, counts, tpos = lo[keep], counts[keep], tpos[keep]
+    total = int(counts.sum())
+    offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
+    dpos = donor_hashes.sorted_positions[offsets]
+    diags = dpos - np.repeat(tpos, counts)
+    uniq, freq = np.unique(diags, return_counts=True)
+    order = np.argsort(-freq, kind="stable")[:_MAX_DIAGONALS]
+    return uniq[order]
+
+
+def _candidates(donor: np.ndarray, target: np.ndarray, diagonals: np.ndarray, min_span: int) -> list[Span]:
+    n, m = donor.shape[0], target.shape[0]
+    out: list[Span] = []
+    for diag in diagonals.tolist():
+        t0, t1 = max(0, -diag), min(m, n - diag)
+        if t1 - t0 < min_span:
+            continue
+        eq = target[t0:t1] == donor[t0 + diag:t1 + diag]
+        starts, lengths = _runs(eq)
+        good = lengths >= min_span
+        for s, ln in zip(starts[good].tolist(), lengths[good].tolist()):
+            out.append(Span(donor_start=t0 + s + diag, target_start=t0 + s, length=ln))
+    return out
+
+
+def _select(candidates: list[Span], min_span: int) -> list[Span]:
+    """Longest-first, non-overlapping in the target; partial overlaps are trimmed to their uncovered pieces."""
+    chosen: list[Span] = []
+    covered: list[tuple[int, int]] = []  # sorted, disjoint target intervals
+    for cand in sorted(candidates, key=lambda s: (-s.length, s.target_start, s.donor_start)):
+        pieces = [(cand.target_start, cand.target_end)]
+        for a, b in covered:
+            nxt = []
+            for x, y in pieces:
+                if b <= x or a >= y:
+                    nxt.append((x, y))
+                    continue
+                if x < a:
+                    nxt.append((x, a))
+                if b < y:
+                    nxt.append((b, y))
+            pieces = nxt
+            if not pieces:
+                break
+        for x, y in pieces:
+            if y - x >= min_span:
+                chosen.append(Span(cand.donor_start + (x - cand.target_start), x, y - x))
+                covered.append((x, y))
+        covered.sort()
+    chosen.sort(key=lambda s: s.target_start)
+    return chosen
+
+
+def _fuzzy_fill(donor: np.ndarray, target: np.ndarray, spans: list[Span], params: AlignParams
+                ) -> tuple[list[Span], list[FuzzySpan]]:
+    """Match each target gap against the donor gap between the same neighbouring spans (monotone neighbours only)."""
+    extra: list[Span] = []
+    fuzzy: list[FuzzySpan] = []
+    n, m = donor.shape[0], target.shape[0]
+    bounds = [Span(0, 0, 0)] + spans + [Span(n, m, 0)]
+    for left, right in zip(bounds[:-1], bounds[1:]):
+        ta, tb = left.target_end, right.target_start
+        da, db = left.donor_end, right.donor_start
+        if tb - ta < params.min_fuzzy_block or db - da < params.min_fuzzy_block:
+            continue
+        if tb - ta > _MAX_FUZZY_GAP or db - da > _MAX_FUZZY_GAP:
+            continue
+        if max(tb - ta, db - da) > 2 * min(tb - ta, db - da):
+            continue  # lengths too different to be an edit of one another
+        t_list = target[ta:tb].tolist()
+        d_list = donor[da:db].tolist()
+        ratio = Indel.normalized_similarity(t_list, d_list)
+        if ratio < params.fuzzy_min_ratio:
+            continue
+        fuzzy.append(FuzzySpan(da, db, ta, tb, float(ratio)))
+        for op in Indel.opcodes(t_list, d_list):
+            if op.tag == "equal" and op.src_end - op.src_start >= params.min_fuzzy_block:
+                extra.append(Span(da + op.dest_start, ta + op.src_start, op.src_end - op.src_start))
+    return extra, fuzzy
+
+
+def align(donor: np.ndarray, target: np.ndarray, params: AlignParams,
+          donor_hashes: DonorHashes | None = None) -> Alignment:
+    """Align ``donor`` to ``target`` (1-D integer arrays). Pure; cost ~O((n + m) * diagonals)."""
+    donor = np.asarray(donor)
+    target = np.asarray(target)
+    if donor.size == 0 or target.size == 0:
+        return Alignment((), ())
+    if donor_hashes is None:
+        donor_hashes = DonorHashes.build(donor, params.shingle_tokens)
+    diagonals = _seed_diagonals(donor_hashes, target, params)
+    spans = _select(_candidates(donor, target, diagonals, params.min_span), params.min_span)
+    fuzzy: list[FuzzySpan] = []
+    if params.fuzzy:
+        extra, fuzzy = _fuzzy_fill(donor, target, spans, params)
+        if extra:
+            spans = sorted(spans + extra, key=lambda s: s.target_start)
+    return Alignment(tuple(spans), tuple(fuzzy))

@@ -1,0 +1,350 @@
+"""Donor store: the requests whose KV may be reused, indexed for sub-millisecond discovery.
+
+Lifecycle: ``register(donor_id, tokens, namespace, embedding)`` -> ``candidates(tokens, namespace)`` /
+``nearest(embedding, namespace)`` -> ``get(slot)`` -> (``pin``/``unpin`` around an in-flight load) -> LRU eviction.
+
+* Capacity ``max_donors`` across all namespaces, LRU order; a donor in use (pinned) is never evicted. Slots are
+  reused after eviction; every slot carries a generation number and index entries remember the generation they
+  were written under, so a reused slot never inherits its previous occupant's votes.
+* Namespaces partition everything: each has its own anchor index and candidates never cross namespaces.
+* Anchor index (per namespace): each donor contributes the ``bottom_k`` smallest of its winnowed k-gram hashes.
+  Entries live in a log-structured set of sorted numpy runs (small recent runs merged into larger ones), so a
+  query is a few ``searchsorted`` calls plus one ``bincount`` regardless of store size, and memory is ~12 bytes per
+  entry (no per-entry Python objects).
+* Embeddings (optional) live in one float32 matrix; ``nearest`` is exact cosine (matrix-vector product) or an
+  ANN index (usearch, ``ann_backend="usearch"``) for 100K+ donors.
+
+Thread safety: one lock guards all state; ``candidates`` and ``nearest`` hold it only for index reads. Returned
+``DonorRecord`` objects are immutable (read-only arrays), so alignment runs outside the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from semblend_core.alignment import DonorHashes
+from semblend_core.errors import DuplicateDonorError, StoreFullError
+from semblend_core.fingerprint import anchors, bottom_k
+
+_GEN_BITS = 24
+_GEN_MASK = (1 << _GEN_BITS) - 1
+_MAX_RUNS = 8
+
+
+@dataclass(frozen=True)
+class DonorRecord:
+    """One registered donor. ``tokens`` is a read-only int64 array."""
+
+    donor_id: str
+    namespace_key: str
+    tokens: np.ndarray
+    text: str | None
+    slot: int
+    generation: int
+    sketch_size: int
+    hashes: DonorHashes  # precomputed for alignment (sorted k-gram hashes)
+    has_embedding: bool
+
+
+@dataclass(frozen=True)
+class Candidate:
+    slot: int
+    votes: int
+    score: float  # estimated shared k-grams: votes / sketch_size * donor k-grams
+
+
+class _AnchorIndex:
+    """Sorted-run inverted index: uint64 hash -> packed (slot << 24 | generation)."""
+
+    def __init__(self) -> None:
+        self.main_keys = np.zeros(0, dtype=np.uint64)
+        self.main_vals = np.zeros(0, dtype=np.int64)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.stale = 0
+        self.live = 0
+
+    def add(self, keys: np.ndarray, slot: int, generation: int) -> None:
+        vals = np.full(keys.shape[0], (slot << _GEN_BITS) | (generation & _GEN_MASK), dtype=np.int64)
+        self.runs.append((keys, vals))  # keys come sorted from bottom_k
+        self.live += keys.shape[0]
+        if len(self.runs) > _MAX_RUNS:
+            self._merge_runs()
+
+    def _merge_runs(self) -> None:
+        keys = np.concatenate([r[0] for r in self.runs])
+        vals = np.concatenate([r[1] for r in self.runs])
+        if keys.shape[0] * 4 >= self.main_keys.shape[0]:  # geometric: merge into main when runs are large
+            keys = np.concatenate([self.main_keys, keys])
+            vals = np.concatenate([self.main_vals, vals])
+            order = np.argsort(keys, kind="stable")
+            self.main_keys, self.main_vals = keys[order], vals[order]
+            self.runs = []
+        else:
+            order = np.argsort(keys, kind="stable")
+            self.runs = [(keys[order], vals[order])]
+
+    def compact(self, slot_generation: np.ndarray) -> None:
+        """Drop entries whose slot has been reused or freed."""
+        self._merge_all()
+        ok = _valid(self.main_vals, slot_generation)
+        self.main_keys, self.main_vals = self.main_keys[ok], self.main_vals[ok]
+        self.stale = 0
+        self.live = int(self.main_keys.shape[0])
+
+    def _merge_all(self) -> None:
+        if self.runs:
+            keys = np.concatenate([self.main_keys] + [r[0] for r in self.runs])
+            vals = np.concatenate([self.main_vals] + [r[1] for r in self.runs])
+            order = np.argsort(keys, kind="stable")
+            self.main_keys, self.main_vals = keys[order], vals[order]
+            self.runs = []
+
+    def lookup(self, query: np.ndarray, max_postings: int) -> np.ndarray:
+        """Packed values of every entry whose key is in ``query`` (sorted unique), skipping over-common keys."""
+        out = []
+        for keys, vals in [(self.main_keys, self.main_vals)] + self.runs:
+            if keys.shape[0] == 0:
+                continue
+            lo = np.searchsorted(keys, query, side="left")
+            hi = np.searchsorted(keys, query, side="right")
+            counts = hi - lo
+            keep = (counts > 0) & (counts <= max_postings)
+            if not keep.any():
+                continue
+            lo, counts = lo[keep], counts[keep]
+            total = int(counts.sum())
+            idx = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
+            out.append(vals[idx])
+        if not out:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+def _valid(packed: np.ndarray, slot_generation: np.ndarray) -> np.ndarray:
+    slots = packed >> _GEN_BITS
+    return slot_generation[slots] == (packed & _GEN_MASK)
+
+
+class DonorStore:
+    """Capacity-bounded, namespace-partitioned, thread-safe donor registry with an anchor index."""
+
+    def __init__(self, max_donors: int, *, shingle_tokens: int = 8, winnow_window: int = 8,
+                 sketch_size: int = 256, max_postings: int = 4096, embedding_dim: int | None = None,
+                 ann_backend: str = "exact") -> None:
+        self.max_donors = max_donors
+        self.k = shingle_tokens
+        self.w = winnow_window
+        self.sketch_size = sketch_size
+        self.max_postings = max_postings
+        self._lock = threading.RLock()
+        self._records: list[DonorRecord | None] = []
+        self._slot_generation = np.zeros(0, dtype=np.int64)  # generation of the current occupant; -1 when free
+        self._gen_counter = np.zeros(0, dtype=np.int64)  # last generation handed out per slot (only grows)
+        self._free: list[int] = []
+        self._lru: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._pins: dict[int, int] = {}
+        self._indexes: dict[str, _AnchorIndex] = {}
+        self._ns_ids: dict[str, int] = {}
+        self._slot_ns = np.zeros(0, dtype=np.int32)
+        self._embedding_dim = embedding_dim
+        self._emb = np.zeros((0, embedding_dim or 0), dtype=np.float32)
+        self._emb_ok = np.zeros(0, dtype=bool)
+        self._ann = None
+        if ann_backend != "exact":
+            from semblend_core.ann_index import create_ann_index  # optional extra
+
+            self._ann = create_ann_index(ann_backend, embedding_dim or 0)
+        self.evictions = 0
+
+    # ----------------------------------------------------------------- registration
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._lru)
+
+    def register(self, donor_id: str, tokens: np.ndarray, namespace_key: str, text: str | None = None,
+                 embedding: np.ndarray | None = None) -> DonorRecord:
+        """Add a donor (tokens validated by the caller). Re-registering identical tokens refreshes its LRU position;
+        different tokens under the same id raise ``DuplicateDonorError``. Evicts the least recently used unpinned
+        donor when full; raises ``StoreFullError`` if every donor is pinned."""
+        key = (namespace_key, donor_id)
+        h, _ = anchors(tokens, self.k, self.w)
+        sketch = bottom_k(h, self.sketch_size)
+        hashes = DonorHashes.build(tokens, self.k)  # computed outside the lock: the expensive part
+        frozen = np.array(tokens, dtype=np.int64, copy=True)
+        frozen.setflags(write=False)
+        with self._lock:
+            if key in self._lru:
+                old = self._records[self._lru[key]]
+                assert old is not None
+                if old.tokens.shape == frozen.shape and np.array_equal(old.tokens, frozen):
+                    self._lru.move_to_end(key)
+                    return old
+                raise DuplicateDonorError(
+                    f"donor id {donor_id!r} is already registered in this namespace with different tokens; "
+                    "use a new id or remove() the old donor first"
+                )
+            if len(self._lru) >= self.max_donors:
+                self._evict_one()
+            slot = self._alloc_slot()
+            generation = (int(self._gen_counter[slot]) + 1) & _GEN_MASK
+            self._gen_counter[slot] = generation
+            self._slot_generation[slot] = generation
+            ns_id = self._ns_ids.setdefault(namespace_key, len(self._ns_ids))
+            self._slot_ns[slot] = ns_id
+            has_emb = False
+            if embedding is not None and self._embedding_dim:
+                self._emb[slot] = embedding
+                self._emb_ok[slot] = has_emb = True
+                if self._ann is not None:
+                    self._ann.add(slot, embedding)
+            else:
+                self._emb_ok[slot] = False
+            rec = DonorRecord(donor_id, namespace_key, frozen, text, slot, generation, int(sketch.shape[0]),
+                              hashes, has_emb)
+            self._records[slot] = rec
+            self._lru[key] = slot
+            self._indexes.setdefault(namespace_key, _AnchorIndex()).add(sketch, slot, generation)
+            return rec
+
+    def _alloc_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = len(self._records)
+        self._records.append(None)
+        grow = max(16, slot)  # amortised growth of the per-slot arrays
+        if slot >= self._slot_generation.shape[0]:
+            self._slot_generation = np.concatenate([self._slot_generation, np.full(grow, -1, dtype=np.int64)])
+            self._gen_counter = np.concatenate([self._gen_counter, np.zeros(grow, dtype=np.int64)])
+            self._slot_ns = np.concatenate([self._slot_ns, np.full(grow, -1, dtype=np.int32)])
+            self._emb_ok = np.concatenate([self._emb_ok, np.zeros(grow, dtype=bool)])
+            if self._embedding_dim:
+                self._emb = np.concatenate([self._emb, np.zeros((grow, self._embedding_dim), np.float32)])
+        return slot
+
+    def _evict_one(self) -> None:
+        for key, slot in self._lru.items():
+            if self._pins.get(slot, 0) == 0:
+                self._remove_slot(key, slot)
+                self.evictions += 1
+                return
+        raise StoreFullError(f"donor store is full ({self.max_donors} donors) and every donor is pinned by an "
+                             "in-flight load; raise max_donors or release leases")
+
+    def _remove_slot(self, key: tuple[str, str], slot: int) -> None:
+        del self._lru[key]
+        rec = self._records[slot]
+        self._records[slot] = None
+        self._slot_generation[slot] = -1
+        self._emb_ok[slot] = False
+        if self._ann is not None:
+            self._ann.remove(slot)
+        self._free.append(slot)
+        if rec is not None:
+            index = self._indexes.get(rec.namespace_key)
+            if index is not None:
+                index.stale += rec.sketch_size
+                index.live -= rec.sketch_size
+                if index.stale > max(4096, index.live):
+                    index.compact(self._slot_generation)
+
+    def remove(self, donor_id: str, namespace_key: str) -> bool:
+        with self._lock:
+            slot = self._lru.get((namespace_key, donor_id))
+            if slot is None:
+                return False
+            if self._pins.get(slot, 0):
+                raise StoreFullError(f"donor {donor_id!r} is pinned by an in-flight load")
+            self._remove_slot((namespace_key, donor_id), slot)
+            return True
+
+    # ----------------------------------------------------------------- lookup
+    def candidates(self, query_hashes: np.ndarray, namespace_key: str, limit: int) -> list[Candidate]:
+        """Top ``limit`` donors of ``namespace_key`` sharing sketch hashes with ``query_hashes`` (sorted unique)."""
+        with self._lock:
+            index = self._indexes.get(namespace_key)
+            if index is None or query_hashes.size == 0:
+                return []
+            packed = index.lookup(query_hashes, self.max_postings)
+            if packed.size == 0:
+                return []
+            packed = packed[_valid(packed, self._slot_generation)]
+            if packed.size == 0:
+                return []
+            slots = packed >> _GEN_BITS
+            votes = np.bincount(slots)
+            hit_slots = np.flatnonzero(votes)
+            # Rank by estimated shared k-grams, not raw votes: a long donor samples its content more sparsely.
+            sizes = np.array([self._records[s].sketch_size for s in hit_slots.tolist()], dtype=np.float64)
+            lens = np.array([self._records[s].tokens.shape[0] for s in hit_slots.tolist()], dtype=np.float64)
+            v = votes[hit_slots].astype(np.float64)
+            score = v / np.maximum(sizes, 1.0) * np.maximum(lens - self.k + 1, 1.0)
+            order = np.argsort(-score, kind="stable")[:limit]
+            return [Candidate(int(hit_slots[i]), int(v[i]), float(score[i])) for i in order]
+
+    def nearest(self, embedding: np.ndarray, namespace_key: str, limit: int) -> list[tuple[int, float]]:
+        """(slot, cosine) of the ``limit`` most similar donors with embeddings in ``namespace_key``."""
+        with self._lock:
+            ns_id = self._ns_ids.get(namespace_key)
+            if ns_id is None or not self._embedding_dim:
+                return []
+            if self._ann is not None:
+                found = self._ann.search(embedding, limit * 4)
+                out = [(s, c) for s, c in found if self._emb_ok[s] and self._slot_ns[s] == ns_id]
+                return out[:limit]
+            n = len(self._records)
+            mask = self._emb_ok[:n] & (self._slot_ns[:n] == ns_id)
+            if not mask.any():
+                return []
+            rows = np.flatnonzero(mask)
+            scores = self._emb[rows] @ embedding.astype(np.float32)
+            k = min(limit, rows.shape[0])
+            top = np.argpartition(-scores, k - 1)[:k]
+            top = top[np.argsort(-scores[top])]
+            return [(int(rows[i]), float(scores[i])) for i in top]
+
+    def get(self, slot: int) -> DonorRecord | None:
+        with self._lock:
+            return self._records[slot] if 0 <= slot < len(self._records) else None
+
+    def touch(self, record: DonorRecord) -> None:
+        with self._lock:
+            key = (record.namespace_key, record.donor_id)
+            if self._lru.get(key) == record.slot:
+                self._lru.move_to_end(key)
+
+    def lookup_id(self, donor_id: str, namespace_key: str) -> DonorRecord | None:
+        with self._lock:
+            slot = self._lru.get((namespace_key, donor_id))
+            return None if slot is None else self._records[slot]
+
+    # ----------------------------------------------------------------- pins (in-flight loads)
+    def pin(self, record: DonorRecord) -> bool:
+        """Keep ``record`` resident until ``unpin``; False if it was evicted meanwhile."""
+        with self._lock:
+            if self._records[record.slot] is not record:
+                return False
+            self._pins[record.slot] = self._pins.get(record.slot, 0) + 1
+            return True
+
+    def unpin(self, record: DonorRecord) -> None:
+        with self._lock:
+            count = self._pins.get(record.slot, 0)
+            if count <= 1:
+                self._pins.pop(record.slot, None)
+            else:
+                self._pins[record.slot] = count - 1
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "donors": len(self._lru),
+                "capacity": self.max_donors,
+                "namespaces": len(self._indexes),
+                "index_entries": sum(ix.live for ix in self._indexes.values()),
+                "evictions": self.evictions,
+                "pinned": sum(1 for c in self._pins.values() if c),
+            }
