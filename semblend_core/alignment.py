@@ -76,13 +76,25 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts.astype(np.int64), (ends - starts).astype(np.int64)
 
 
-def _seed_diagonals(donor_hashes: DonorHashes, target: np.ndarray, params: AlignParams) -> np.ndarray:
+@dataclass(frozen=True)
+class TargetAnchors:
+    """The prompt's winnowed anchors (hash, position), computed once per plan and shared by all candidates."""
+
+    hashes: np.ndarray
+    positions: np.ndarray
+
+    @classmethod
+    def build(cls, target: np.ndarray, k: int, w: int) -> TargetAnchors:
+        h = kgram_hashes(target, k)
+        pos = winnow(h, w)
+        return cls(h[pos], pos)
+
+
+def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) -> np.ndarray:
     """Distinct diagonals (donor_pos - target_pos) of verified-by-hash seeds, most-seeded first."""
-    ht = kgram_hashes(target, params.shingle_tokens)
-    if ht.size == 0 or donor_hashes.sorted_hashes.size == 0:
+    q, tpos = target_anchors.hashes, target_anchors.positions
+    if q.size == 0 or donor_hashes.sorted_hashes.size == 0:
         return np.zeros(0, dtype=np.int64)
-    tpos = winnow(ht, params.winnow_window)
-    q = ht[tpos]
     sh = donor_hashes.sorted_hashes
     lo = np.searchsorted(sh, q, side="left")
     hi = np.searchsorted(sh, q, side="right")
@@ -172,7 +184,7 @@ def _fuzzy_fill(donor: np.ndarray, target: np.ndarray, spans: list[Span], params
 
 
 def align(donor: np.ndarray, target: np.ndarray, params: AlignParams,
-          donor_hashes: DonorHashes | None = None) -> Alignment:
+          donor_hashes: DonorHashes | None = None, target_anchors: TargetAnchors | None = None) -> Alignment:
     """Align ``donor`` to ``target`` (1-D integer arrays). Pure; cost ~O((n + m) * diagonals)."""
     donor = np.asarray(donor)
     target = np.asarray(target)
@@ -180,7 +192,9 @@ def align(donor: np.ndarray, target: np.ndarray, params: AlignParams,
         return Alignment((), ())
     if donor_hashes is None:
         donor_hashes = DonorHashes.build(donor, params.shingle_tokens)
-    diagonals = _seed_diagonals(donor_hashes, target, params)
+    if target_anchors is None:
+        target_anchors = TargetAnchors.build(target, params.shingle_tokens, params.winnow_window)
+    diagonals = _seed_diagonals(donor_hashes, target_anchors)
     spans = _select(_candidates(donor, target, diagonals, params.min_span), params.min_span)
     fuzzy: list[FuzzySpan] = []
     if params.fuzzy:

@@ -150,6 +150,8 @@ class DonorStore:
         self._indexes: dict[str, _AnchorIndex] = {}
         self._ns_ids: dict[str, int] = {}
         self._slot_ns = np.zeros(0, dtype=np.int32)
+        self._slot_sketch = np.zeros(0, dtype=np.int32)  # index entries per slot (for vote normalisation)
+        self._slot_len = np.zeros(0, dtype=np.int64)  # donor length per slot
         self._embedding_dim = embedding_dim
         self._emb = np.zeros((0, embedding_dim or 0), dtype=np.float32)
         self._emb_ok = np.zeros(0, dtype=bool)
@@ -195,6 +197,8 @@ class DonorStore:
             self._slot_generation[slot] = generation
             ns_id = self._ns_ids.setdefault(namespace_key, len(self._ns_ids))
             self._slot_ns[slot] = ns_id
+            self._slot_sketch[slot] = sketch.shape[0]
+            self._slot_len[slot] = frozen.shape[0]
             has_emb = False
             if embedding is not None and self._embedding_dim:
                 self._emb[slot] = embedding
@@ -220,6 +224,8 @@ class DonorStore:
             self._slot_generation = np.concatenate([self._slot_generation, np.full(grow, -1, dtype=np.int64)])
             self._gen_counter = np.concatenate([self._gen_counter, np.zeros(grow, dtype=np.int64)])
             self._slot_ns = np.concatenate([self._slot_ns, np.full(grow, -1, dtype=np.int32)])
+            self._slot_sketch = np.concatenate([self._slot_sketch, np.zeros(grow, dtype=np.int32)])
+            self._slot_len = np.concatenate([self._slot_len, np.zeros(grow, dtype=np.int64)])
             self._emb_ok = np.concatenate([self._emb_ok, np.zeros(grow, dtype=bool)])
             if self._embedding_dim:
                 self._emb = np.concatenate([self._emb, np.zeros((grow, self._embedding_dim), np.float32)])
@@ -278,8 +284,8 @@ class DonorStore:
             votes = np.bincount(slots)
             hit_slots = np.flatnonzero(votes)
             # Rank by estimated shared k-grams, not raw votes: a long donor samples its content more sparsely.
-            sizes = np.array([self._records[s].sketch_size for s in hit_slots.tolist()], dtype=np.float64)
-            lens = np.array([self._records[s].tokens.shape[0] for s in hit_slots.tolist()], dtype=np.float64)
+            sizes = self._slot_sketch[hit_slots].astype(np.float64)
+            lens = self._slot_len[hit_slots].astype(np.float64)
             v = votes[hit_slots].astype(np.float64)
             score = v / np.maximum(sizes, 1.0) * np.maximum(lens - self.k + 1, 1.0)
             order = np.argsort(-score, kind="stable")[:limit]

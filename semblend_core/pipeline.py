@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from semblend_core._logging import warning_once
-from semblend_core.alignment import AlignParams, Alignment, align
+from semblend_core.alignment import AlignParams, Alignment, TargetAnchors, align
 from semblend_core.bathtub import ModelShape, layer_recompute_policy
 from semblend_core.config import SemBlendConfig
 from semblend_core.donor_store import DonorRecord, DonorStore
 from semblend_core.errors import InvalidTokensError
-from semblend_core.fingerprint import anchors
 from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Outcome, PlanTimings, Reason, SemanticKvPlan, Span
 from semblend_core.telemetry import Telemetry
@@ -209,8 +208,8 @@ class SemBlendPipeline:
 
         # --- discovery by token anchors (no embedding on the common path)
         t0 = time.perf_counter()
-        target_hashes, _ = anchors(tokens, cfg.shingle_tokens, cfg.winnow_window)
-        query = np.unique(target_hashes)
+        target_anchors = TargetAnchors.build(tokens, cfg.shingle_tokens, cfg.winnow_window)
+        query = np.unique(target_anchors.hashes)
         cands = self.store.candidates(query, ns.key, cfg.max_candidates)
         t1 = time.perf_counter()
         best: tuple[DonorRecord, Alignment] | None = None
@@ -218,7 +217,7 @@ class SemBlendPipeline:
             rec = self.store.get(cand.slot)
             if rec is None or rec.namespace_key != ns.key:
                 continue
-            aln = align(rec.tokens, tokens, self._align_params, rec.hashes)
+            aln = align(rec.tokens, tokens, self._align_params, rec.hashes, target_anchors)
             if best is None or aln.matched_tokens > best[1].matched_tokens:
                 best = (rec, aln)
             if best[1].matched_tokens >= _GOOD_ENOUGH_COVERAGE * m:
@@ -237,7 +236,7 @@ class SemBlendPipeline:
                     rec = self.store.get(slot)
                     if rec is None or rec.namespace_key != ns.key:
                         continue
-                    aln = align(rec.tokens, tokens, self._align_params, rec.hashes)
+                    aln = align(rec.tokens, tokens, self._align_params, rec.hashes, target_anchors)
                     if best is None or aln.matched_tokens > best[1].matched_tokens or cosine is None:
                         best, cosine, discovery = (rec, aln), cos, "embedding"
             t2 = time.perf_counter()
