@@ -321,11 +321,12 @@ def config_cmd(as_json: Annotated[bool, typer.Option(
         return
     defaults = SemBlendConfig().to_dict()
     table = Table(title="SemBlend configuration (SemBlendConfig.from_env())")
-    for col in ("field", "env variable", "value", "allowed"):
-        table.add_column(col)
+    table.add_column("field / env variable", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("allowed")
     for name, value in values.items():
         shown = str(value) if value == defaults[name] else f"[bold cyan]{value}[/bold cyan] (env)"
-        table.add_row(name, SemBlendConfig.ENV_PREFIX + name.upper(), shown, _allowed(name))
+        table.add_row(f"{name}\n[dim]{SemBlendConfig.ENV_PREFIX}{name.upper()}[/dim]", shown, _allowed(name))
     _console.print(table)
 
 
