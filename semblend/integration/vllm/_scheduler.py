@@ -1,0 +1,480 @@
+"""Scheduler side of the vLLM connector: plan, credit tokens, stage loads and captures, keep the exact cache exact.
+
+Lifecycle, in the order vLLM calls it (one scheduler process; all methods run on its thread)::
+
+    get_num_new_matched_tokens(request, n_local)   # may repeat for one request while it waits; no side effects
+    update_state_after_alloc(request, blocks, n)   # the scheduler committed n external tokens: stage the load
+    build_connector_meta(scheduler_output)         # once per step: loads + donor captures -> StepPlan
+    update_connector_output(report, invalid_ids)   # after the step: what the workers actually did
+    request_finished(request)                      # exactly once per request (finished, aborted)
+
+Modes
+-----
+* ``discovery_only``: every request is planned once and its outcome recorded; ``(0, False)`` always, no blocks
+  are touched, nothing is staged. Donors are registered from finished prompts.
+* ``prefix``: the reusable prefix of a hit (``plan.prefix_reusable_tokens(block_size)``) beyond vLLM's own prefix
+  hit is credited, after every reason to decline was checked here: RoPE shift not exact, donor KV not resident
+  in the workers' store (evicted, never captured), geometry or dtype of the stored KV differs from this cache.
+  Donors are registered only after the workers confirm their KV was captured.
+
+Exact-cache safety
+------------------
+vLLM hashes a request's full blocks from its token ids (chained: block ``i``'s hash covers tokens ``[0, (i+1)*B)``)
+and caches them for any later request with the same tokens. KV loaded from a donor with a position shift, and
+every block computed after it (its attention saw the approximate KV), is *not* what a cold prefill computes, so it
+must never be served as an exact hit. When a load is committed (``update_state_after_alloc``) and its first span is
+not context-exact, the connector (1) evicts from the prefix-cache table the request's blocks from the first loaded
+block on (vLLM cached the full ones during allocation, before calling us; ``BlockPool.evict_blocks`` removes only
+the hash entries, the request keeps its blocks), and (2) re-salts ``request.block_hashes`` from that block on with
+a per-request secret, so every hash vLLM later derives for this request (prompt tail, decode) is unique and no
+other request can match it. Blocks before the load (vLLM's own exact hit) keep their hashes. A context-exact load
+(donor and target both start at token 0: the donor's KV is bit-for-bit what this prompt would compute) is left
+shareable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from semblend_core import CacheNamespace, Outcome, Reason, SemanticKvPlan
+from semblend_core.errors import SemBlendError
+
+from semblend.integration.vllm._config import (
+    MODE_DISCOVERY_ONLY,
+    VllmAdapterConfig,
+    request_namespace,
+)
+from semblend.integration.vllm._metadata import KvSignature, LoadSpec, SaveSpec, StepPlan, WorkerReport
+from semblend.integration.vllm._metrics import ConnectorStats
+
+logger = logging.getLogger(__name__)
+
+
+class DeclineReason:
+    """Adapter-side reasons to decline a planned hit (stable strings, like ``semblend_core.Reason``)."""
+
+    NO_REUSABLE_PREFIX = "no_reusable_prefix"
+    ENGINE_PREFIX_COVERS = "engine_prefix_covers"
+    DONOR_KV_EVICTED = "donor_kv_evicted"
+    KV_LAYOUT_MISMATCH = "kv_layout_mismatch"
+    SCHEDULER_SKIPPED = "scheduler_skipped_load"
+    LOAD_FAILED = "load_failed"
+    PREEMPTED = "preempted"
+    ABORTED = "aborted"
+
+
+@dataclass
+class _Decision:
+    """The credit computed for one ``num_computed_tokens``; reused while the request waits."""
+
+    num_local: int
+    plan: SemanticKvPlan
+    credit: int = 0
+    reason: str = ""
+    donor_start: int = 0      # donor token that maps to target token 0 of the prefix span
+    context_exact: bool = True
+
+
+@dataclass
+class _RequestState:
+    req_id: str
+    namespace: CacheNamespace
+    prompt: Sequence[int]
+    num_prompt_tokens: int
+    decision: _Decision | None = None
+    outcome_recorded: bool = False
+    tainted_from_block: int | None = None  # hash-block index from which block hashes were re-salted
+    block_ids: list[int] = field(default_factory=list)
+    capture_issued: bool = False
+    load_in_flight: LoadSpec | None = None
+    plan: SemanticKvPlan | None = None
+
+
+@dataclass
+class _Resident:
+    """A donor whose KV the workers hold. ``votes`` counts workers that confirmed the capture."""
+
+    num_tokens: int
+    signature: KvSignature
+    votes: int = 0
+
+
+class SchedulerSide:
+    """All scheduler-side state of one connector. Engine objects are read by attribute only.
+
+    ``pipeline``: a ``SemBlendPipeline``. ``base_namespace``: from ``_config.base_namespace``. ``kv_signature``: the
+    geometry of this engine's cache per worker (``None``: unknown, stored donors are not checked).
+    ``rope_exact``: RoPE re-rotation reproduces the model's keys for every layer. ``num_workers``: how many workers
+    must confirm a capture before the donor is usable (tensor x pipeline parallel size).
+    """
+
+    MAX_AWAITING_CAPTURE = 4096  # backstop: captures the workers never answered are forgotten oldest first
+
+    def __init__(self, pipeline: Any, adapter: VllmAdapterConfig, base_namespace: CacheNamespace, *,
+                 block_size: int, rope_exact: bool, kv_signature: KvSignature | None = None,
+                 num_workers: int = 1) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.pipeline = pipeline
+        self.adapter = adapter
+        self.base_namespace = base_namespace
+        self.block_size = block_size
+        self.hash_block_size = block_size
+        self.rope_exact = rope_exact
+        self.kv_signature = kv_signature
+        self.num_workers = max(1, int(num_workers))
+        self.stats = ConnectorStats()
+        self._block_pool: Any = None
+        self._requests: dict[str, _RequestState] = {}
+        self._pending_loads: dict[str, LoadSpec] = {}
+        self._resident: dict[tuple[str, str], _Resident] = {}
+        self._awaiting_capture: OrderedDict[tuple[str, str], tuple[Sequence[int], CacheNamespace]] = OrderedDict()
+        self._load_votes: dict[str, int] = {}
+        self._secret = os.urandom(16)
+
+    # ------------------------------------------------------------------ binding
+    @property
+    def discovery_only(self) -> bool:
+        return self.adapter.mode == MODE_DISCOVERY_ONLY
+
+    def bind_block_pool(self, block_pool: Any, hash_block_size: int | None = None) -> None:
+        """The scheduler's ``BlockPool`` (needed to evict prefix-cache entries of approximate blocks)."""
+        self._block_pool = block_pool
+        if hash_block_size:
+            if self.block_size % hash_block_size:
+                raise ValueError(f"hash_block_size {hash_block_size} does not divide block_size {self.block_size}")
+            self.hash_block_size = int(hash_block_size)
+
+    # ------------------------------------------------------------------ state
+    def _state(self, request: Any) -> _RequestState:
+        st = self._requests.get(request.request_id)
+        if st is None:
+            st = _RequestState(
+                req_id=request.request_id,
+                namespace=request_namespace(self.base_namespace, request),
+                prompt=request.prompt_token_ids if request.prompt_token_ids is not None else (),
+                num_prompt_tokens=int(request.num_prompt_tokens),
+            )
+            self._requests[request.request_id] = st
+        return st
+
+    def _record(self, st: _RequestState, plan: SemanticKvPlan, outcome: str, reason: str | None = None,
+                loaded_tokens: int = 0) -> None:
+        """One outcome per request (rule 2: ``materialized`` only after the workers confirmed the load)."""
+        if st.outcome_recorded:
+            return
+        st.outcome_recorded = True
+        self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded_tokens, reason=reason)
+        self.stats.outcome(outcome, reason or plan.reason, loaded_tokens)
+
+    def num_tracked_requests(self) -> int:
+        """Requests with state here (0 when the scheduler is idle: nothing leaks)."""
+        return len(self._requests) + len(self._pending_loads) + len(self._load_votes)
+
+    # ------------------------------------------------------------------ get_num_new_matched_tokens
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond ``num_computed_tokens`` (vLLM's own block-aligned hit) whose KV the workers will load.
+
+        Synchronous loads only (``False``): the KV is written in ``start_load_kv`` of the step that computes the
+        rest of the prompt. Idempotent for a repeated call with the same ``num_computed_tokens``.
+        """
+        try:
+            st = self._state(request)
+            if self.discovery_only:
+                if st.plan is None:
+                    st.plan = self._plan(st, num_computed_tokens)
+                    if st.plan.is_hit:
+                        st.outcome_recorded = True  # the pipeline recorded discovery_only for the hit
+                return 0, False
+            return self._decide(st, request, num_computed_tokens).credit, False
+        except Exception as exc:  # rule 5: never fail inference
+            logger.warning("SemBlend: planning for %s failed (%s: %s); normal prefill",
+                           getattr(request, "request_id", "?"), type(exc).__name__, exc)
+            return 0, False
+
+    def _plan(self, st: _RequestState, num_computed_tokens: int) -> SemanticKvPlan:
+        t0 = time.perf_counter()
+        plan = self.pipeline.plan(st.prompt, namespace=st.namespace, engine_prefix_tokens=num_computed_tokens)
+        self.stats.plan_time(time.perf_counter() - t0)
+        return plan
+
+    def _decide(self, st: _RequestState, request: Any, num_local: int) -> _Decision:
+        d = st.decision
+        if d is not None and d.num_local == num_local:
+            if d.credit and not self._donor_loadable(d):  # the KV may have been evicted while the request waited
+                d.credit, d.reason = 0, DeclineReason.DONOR_KV_EVICTED
+                self._record(st, d.plan, Outcome.DECLINED, d.reason)
+            return d
+        plan = self._plan(st, num_local)
+        d = _Decision(num_local=num_local, plan=plan)
+        st.decision, st.plan = d, plan
+        if not plan.is_hit:
+            st.outcome_recorded = True  # the pipeline records misses itself
+            d.reason = plan.reason
+            return d
+        # Only the prompt counts: a resumed request's output tokens are never reused.
+        n = min(plan.prefix_reusable_tokens(self.block_size), st.num_prompt_tokens - 1)
+        n -= n % self.block_size
+        span = plan.spans[0] if plan.spans else None
+        if span is None or n <= 0 or span.target_start != 0:
+            d.reason = DeclineReason.NO_REUSABLE_PREFIX
+        elif n <= num_local:
+            d.reason = DeclineReason.ENGINE_PREFIX_COVERS
+        else:
+            d.donor_start = span.donor_start
+            d.context_exact = span.context_exact
+            resident = self._resident.get((st.namespace.key, plan.donor_id))
+            if span.delta != 0 and not self.rope_exact:
+                d.reason = Reason.ROPE_NOT_SHIFT_INVARIANT
+            elif resident is None or resident.votes < self.num_workers:
+                d.reason = DeclineReason.DONOR_KV_EVICTED
+            elif self.kv_signature is not None and resident.signature != self.kv_signature:
+                d.reason = DeclineReason.KV_LAYOUT_MISMATCH
+            else:
+                # The store may hold fewer tokens than the donor prompt (a capture of a truncated prompt).
+                avail = resident.num_tokens - span.donor_start
+                n = min(n, avail - avail % self.block_size)
+                if n <= num_local:
+                    d.reason = DeclineReason.DONOR_KV_EVICTED
+                else:
+                    d.credit = n - num_local
+        if not d.credit:
+            outcome = Outcome.EXACT if d.reason == DeclineReason.ENGINE_PREFIX_COVERS else Outcome.DECLINED
+            self._record(st, plan, outcome, d.reason)
+        return d
+
+    def _donor_loadable(self, d: _Decision) -> bool:
+        resident = self._resident.get((d.plan.namespace.key, d.plan.donor_id))
+        return (resident is not None and resident.votes >= self.num_workers
+                and resident.num_tokens >= d.donor_start + d.num_local + d.credit)
+
+    # ------------------------------------------------------------------ update_state_after_alloc
+    def update_state_after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        """vLLM allocated ``block_ids`` (all of the request's blocks, first KV-cache group) and committed
+        ``num_external_tokens`` tokens after the local hit. Stage the load and protect the exact cache."""
+        st = self._requests.get(request.request_id)
+        if st is None:
+            return
+        st.block_ids = list(block_ids)
+        d = st.decision
+        if num_external_tokens <= 0:
+            if d is not None and d.credit:
+                self._record(st, d.plan, Outcome.DECLINED, DeclineReason.SCHEDULER_SKIPPED)
+            return
+        bs = self.block_size
+        if d is None or num_external_tokens > d.credit:
+            # Never expected: vLLM committed tokens we did not offer. Make the worker fail the blocks -> recompute.
+            logger.warning("SemBlend: vLLM committed %d external tokens for %s but %d were offered; recomputing",
+                           num_external_tokens, st.req_id, d.credit if d else 0)
+            start = d.num_local if d is not None else 0
+            first, last = start // bs, -(-(start + num_external_tokens) // bs)
+            self._pending_loads[st.req_id] = LoadSpec(st.req_id, st.namespace.key, None, 0, start,
+                                                      num_external_tokens, tuple(st.block_ids[first:last]), bs)
+            return
+        start = d.num_local
+        first, last = start // bs, -(-(start + num_external_tokens) // bs)
+        spec = LoadSpec(
+            req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.plan.donor_id,
+            donor_start=d.donor_start + start, target_start=start, num_tokens=num_external_tokens,
+            block_ids=tuple(st.block_ids[first:last]), block_size=bs,
+        )
+        if not d.context_exact:
+            self._taint(request, st, start)
+        self._pending_loads[st.req_id] = spec
+        self.stats.credited(num_external_tokens)
+
+    def _taint(self, request: Any, st: _RequestState, start_token: int) -> None:
+        """Keep this request's blocks from ``start_token`` on out of vLLM's exact prefix cache (module docstring)."""
+        first_block = start_token // self.block_size
+        if self._block_pool is not None:
+            evict = {b for b in st.block_ids[first_block:] if b is not None}
+            if evict:
+                self._block_pool.evict_blocks(evict)
+        else:
+            logger.warning("SemBlend: no block pool bound; approximate blocks of %s may stay in the prefix cache",
+                           st.req_id)
+        k = start_token // self.hash_block_size
+        if st.tainted_from_block is not None and st.tainted_from_block <= k:
+            return  # already unique from an earlier admission (preempted and resumed)
+        hashes = request.block_hashes
+        salt = hashlib.sha256(self._secret + st.req_id.encode()).digest()
+        prev = salt
+        for i in range(k, len(hashes)):
+            old = hashes[i]
+            new = hashlib.sha256(b"semblend-approximate-kv" + prev + bytes(old)).digest()
+            hashes[i] = type(old)(new[: len(old)]) if isinstance(old, (bytes, bytearray)) else new
+            prev = new
+        st.tainted_from_block = k
+
+    # ------------------------------------------------------------------ build_connector_meta
+    def build_connector_meta(self, scheduler_output: Any) -> StepPlan:
+        """Collect this step's loads and donor captures. Called once per step; resets the staged loads."""
+        if self.discovery_only:
+            return StepPlan()
+        preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        for req_id in preempted:
+            self._on_preempted(req_id)
+        num_sched = getattr(scheduler_output, "num_scheduled_tokens", {}) or {}
+        captures: list[SaveSpec] = []
+        for new in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
+            st = self._requests.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0]) if new.block_ids else []
+            self._maybe_capture(st, int(new.num_computed_tokens) + int(num_sched.get(new.req_id, 0)), captures)
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        if cached is not None:
+            resumed = set(getattr(cached, "resumed_req_ids", None) or ())
+            for i, req_id in enumerate(cached.req_ids):
+                st = self._requests.get(req_id)
+                if st is None:
+                    continue
+                new_ids = cached.new_block_ids[i]
+                if new_ids is not None:
+                    if req_id in resumed:
+                        st.block_ids = list(new_ids[0])
+                    else:
+                        st.block_ids.extend(new_ids[0])
+                done = int(cached.num_computed_tokens[i]) + int(num_sched.get(req_id, 0))
+                self._maybe_capture(st, done, captures)
+        loads = []
+        for req_id, spec in self._pending_loads.items():
+            st = self._requests.get(req_id)
+            if st is None or req_id in preempted:
+                continue
+            st.load_in_flight = spec
+            self._load_votes[req_id] = 0
+            loads.append(spec)
+        self._pending_loads.clear()
+        return StepPlan(loads=tuple(loads), saves=tuple(captures))
+
+    def _maybe_capture(self, st: _RequestState, tokens_done: int, out: list[SaveSpec]) -> None:
+        """Capture the prompt's KV as a donor in the step its last prompt token is computed."""
+        if (st.capture_issued or not self.adapter.register_donors or tokens_done < st.num_prompt_tokens
+                or st.tainted_from_block is not None  # approximate KV never becomes a donor
+                or st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1)):
+            return
+        n = st.num_prompt_tokens
+        nblocks = -(-n // self.block_size)
+        if len(st.block_ids) < nblocks:
+            return
+        st.capture_issued = True
+        key = (st.namespace.key, st.req_id)
+        self._awaiting_capture[key] = (st.prompt, st.namespace)
+        while len(self._awaiting_capture) > self.MAX_AWAITING_CAPTURE:
+            self._awaiting_capture.popitem(last=False)
+        out.append(SaveSpec(st.req_id, st.namespace.key, st.req_id, n, tuple(st.block_ids[:nblocks]),
+                            self.block_size, tuple(int(t) for t in st.prompt[:n])))
+
+    def _on_preempted(self, req_id: str) -> None:
+        st = self._requests.get(req_id)
+        self._pending_loads.pop(req_id, None)
+        if st is None:
+            return
+        # The request will be admitted again (num_computed_tokens = 0) and re-planned; its blocks are gone.
+        st.block_ids = []
+        st.decision = None
+        if st.load_in_flight is not None:
+            st.load_in_flight = None
+            self._load_votes.pop(req_id, None)
+
+    # ------------------------------------------------------------------ worker results
+    def update_connector_output(self, report: WorkerReport | None, invalid_block_ids: Iterable[int] = ()) -> None:
+        """Apply the workers' report: confirmed captures become donors, evictions retire them, loads resolve."""
+        if report is not None:
+            for saved in report.saved:
+                self._on_saved(saved.namespace_key, saved.donor_id, saved.num_tokens, saved.signature)
+            for key in report.save_failed:
+                self._awaiting_capture.pop(key, None)
+            for ns_key, donor_id in report.evicted:
+                self._retire(ns_key, donor_id)
+            for req_id in report.load_failed:
+                self._on_load_result(req_id, 0, failed=True)
+            for req_id, tokens in report.loaded:
+                self._on_load_result(req_id, tokens, failed=False)
+            for s in report.load_s:
+                self.stats.load_time(s)
+            for s in report.save_s:
+                self.stats.save_time(s)
+        invalid = set(invalid_block_ids or ())
+        if invalid:
+            for req_id, st in list(self._requests.items()):
+                if st.load_in_flight is not None and invalid.intersection(st.load_in_flight.block_ids):
+                    self._on_load_result(req_id, 0, failed=True)
+
+    def _on_saved(self, ns_key: str, donor_id: str, num_tokens: int, signature: KvSignature) -> None:
+        key = (ns_key, donor_id)
+        res = self._resident.get(key)
+        if res is None or res.signature != signature or res.num_tokens != num_tokens:
+            res = self._resident[key] = _Resident(num_tokens, signature, 0)
+        res.votes += 1
+        if res.votes < self.num_workers:
+            return
+        pending = self._awaiting_capture.pop(key, None)
+        if pending is None:
+            return  # captured earlier (another worker's vote) or registered by an external registrar
+        tokens, namespace = pending
+        try:
+            self.pipeline.register_donor(donor_id, tokens, namespace=namespace)
+        except SemBlendError as exc:
+            logger.warning("SemBlend: donor %s not registered: %s", donor_id, exc)
+            self._resident.pop(key, None)
+
+    def _retire(self, ns_key: str, donor_id: str) -> None:
+        self._resident.pop((ns_key, donor_id), None)
+        self._awaiting_capture.pop((ns_key, donor_id), None)
+        store = getattr(self.pipeline, "store", None)
+        if store is not None:
+            store.remove(donor_id, ns_key)  # a donor without KV cannot be materialized
+
+    def _on_load_result(self, req_id: str, tokens: int, *, failed: bool) -> None:
+        st = self._requests.get(req_id)
+        if st is None or st.load_in_flight is None:
+            return
+        spec = st.load_in_flight
+        plan = st.decision.plan if st.decision is not None else st.plan
+        if failed:
+            st.load_in_flight = None
+            self._load_votes.pop(req_id, None)
+            if plan is not None:
+                self._record(st, plan, Outcome.DECLINED, DeclineReason.LOAD_FAILED)
+            return
+        votes = self._load_votes.get(req_id, 0) + 1
+        if votes < self.num_workers:
+            self._load_votes[req_id] = votes
+            return
+        st.load_in_flight = None
+        self._load_votes.pop(req_id, None)
+        if plan is not None:
+            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=spec.target_start + tokens)
+        self.stats.loaded(tokens)
+
+    # ------------------------------------------------------------------ request_finished
+    def request_finished(self, request: Any) -> None:
+        """Release everything held for the request. In discovery mode a fully computed prompt becomes a donor."""
+        req_id = request.request_id
+        st = self._requests.pop(req_id, None)
+        self._pending_loads.pop(req_id, None)
+        self._load_votes.pop(req_id, None)
+        if st is None:
+            return
+        if st.load_in_flight is not None and st.decision is not None:
+            self._record(st, st.decision.plan, Outcome.DECLINED, DeclineReason.ABORTED)
+        if (self.discovery_only and self.adapter.register_donors
+                and int(getattr(request, "num_computed_tokens", 0)) >= st.num_prompt_tokens
+                and st.num_prompt_tokens >= max(self.adapter.min_donor_tokens, 1)):
+            try:
+                self.pipeline.register_donor(req_id, st.prompt, namespace=st.namespace)
+            except SemBlendError as exc:
+                logger.debug("SemBlend: donor %s not registered: %s", req_id, exc)
+
+    # ------------------------------------------------------------------ introspection
+    def resident_donors(self) -> int:
+        return sum(1 for r in self._resident.values() if r.votes >= self.num_workers)
