@@ -81,24 +81,23 @@ class SemBlendWorkerMetadata(KVConnectorWorkerMetadata):
 
 
 class SemBlendConnectorStats(KVConnectorStats):
-    """vLLM's stats container around :class:`~semblend.integration.vllm._metrics.ConnectorStats`."""
+    """vLLM's stats container; ``data`` follows the :class:`~semblend.integration.vllm._metrics.ConnectorStats`
+    schema (vLLM ships ``data`` between processes)."""
 
-    def __post_init__(self) -> None:
-        self._window = ConnectorStats(self.data)
+    def _window(self) -> ConnectorStats:
+        return ConnectorStats(self.data)
 
     def reset(self) -> None:
-        self._window = ConnectorStats()
-        self.data = self._window.to_dict()
+        self.data = ConnectorStats().to_dict()
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        merged = self._window.merge(ConnectorStats(other.data)) if not other.is_empty() else self._window
-        return SemBlendConnectorStats(data=merged.to_dict())
+        return SemBlendConnectorStats(data=self._window().merge(ConnectorStats(other.data)).to_dict())
 
     def reduce(self) -> dict[str, int | float]:
-        return self._window.reduce()
+        return self._window().reduce()
 
     def is_empty(self) -> bool:
-        return self._window.is_empty()
+        return self._window().is_empty()
 
 
 class SemBlendPromMetrics(KVConnectorPromMetrics):

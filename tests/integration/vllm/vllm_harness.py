@@ -1,0 +1,324 @@
+"""Build vLLM's real scheduler on CPU with SemBlendConnectorV1, the way vLLM's own connector unit tests do.
+
+* ``make_vllm_config``: a local model directory (a tiny Qwen2 ``config.json``; no weights, no tokenizer, no hub),
+  ``DeviceConfig("cpu")``, and a ``KVTransferConfig`` that loads the connector through
+  ``kv_connector_module_path`` (vLLM's factory imports our module by path, as ``vllm serve`` would).
+* ``make_scheduler``: ``Scheduler`` over a one-group ``FullAttentionSpec`` KV cache config.
+* ``Engine``: one scheduler plus one worker-side connector over CPU paged-cache tensors laid out as vLLM lays them
+  out, and a stand-in model (``FakeModel``) whose K/V for a token depends only on the token and its position
+  (``K = R(pos) e_k(token)``, ``V = e_v(token)``). With it, KV moved from a donor and re-rotated must equal what a
+  cold prefill writes, so the whole load path is checked against an independent computation. The model is a stand-in
+  because no model weights can run here; everything else is vLLM's own code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from semblend_core.rope_correction import apply_rope, rope_spec_from_config
+
+CONNECTOR_MODULE = "semblend.integration.vllm.connector_v1"
+NUM_KV_HEADS = 2
+HEAD_SIZE = 32
+NUM_LAYERS = 2
+EOS = 999
+
+TINY_QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": NUM_KV_HEADS, "num_hidden_layers": NUM_LAYERS,
+    "head_dim": HEAD_SIZE, "vocab_size": 1000, "max_position_embeddings": 8192, "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6, "torch_dtype": "float32", "tie_word_embeddings": True, "hidden_act": "silu",
+}
+
+
+def write_model_dir(path) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(TINY_QWEN2))
+    return str(path)
+
+
+def make_vllm_config(model_dir: str, *, mode: str | None = "discovery_only", extra: dict | None = None,
+                     block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 16,
+                     enable_prefix_caching: bool = True, connector: bool = True,
+                     kv_load_failure_policy: str = "recompute") -> Any:
+    from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+
+    model_config = ModelConfig(model=model_dir, dtype="float32", seed=0, skip_tokenizer_init=True,
+                               max_model_len=8192)
+    scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                       max_model_len=8192, enable_chunked_prefill=True,
+                                       is_encoder_decoder=model_config.is_encoder_decoder)
+    cache_config = CacheConfig(block_size=block_size, gpu_memory_utilization=0.9, cache_dtype="auto",
+                               enable_prefix_caching=enable_prefix_caching)
+    kv_transfer_config = None
+    if connector:
+        extra_config = dict(extra or {})
+        if mode is not None:
+            extra_config["mode"] = mode
+        kv_transfer_config = KVTransferConfig(
+            kv_connector="SemBlendConnectorV1", kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
+            kv_connector_extra_config=extra_config, kv_load_failure_policy=kv_load_failure_policy)
+    return VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
+                      kv_transfer_config=kv_transfer_config, device_config=DeviceConfig("cpu"))
+
+
+def kv_cache_config(block_size: int, num_blocks: int) -> Any:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE,
+                             dtype=torch.float32)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
+    return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(names, spec)])
+
+
+def make_scheduler(vllm_config: Any, num_blocks: int = 256) -> Any:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    block_size = vllm_config.cache_config.block_size
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    return Scheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config(block_size, num_blocks),
+                     structured_output_manager=StructuredOutputManager(vllm_config), block_size=block_size,
+                     log_stats=True)
+
+
+_none_hash_ready = False
+_ids = itertools.count()
+
+
+def make_request(tokens: Sequence[int], *, max_tokens: int = 4, req_id: str | None = None,
+                 block_size: int = 16, cache_salt: str | None = None) -> Any:
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    global _none_hash_ready
+    if not _none_hash_ready:
+        init_none_hash(sha256)
+        _none_hash_ready = True
+    params = SamplingParams(max_tokens=max_tokens)
+    params.update_from_generation_config({}, EOS)
+    return Request(request_id=req_id or f"req-{next(_ids)}", prompt_token_ids=list(tokens), sampling_params=params,
+                   pooling_params=None, cache_salt=cache_salt,
+                   block_hasher=get_request_block_hasher(block_size, sha256))
+
+
+# ------------------------------------------------------------------------------------------- paged cache tensors
+def layout_by_name(name: str) -> Any:
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    return KVCacheLayout[name]
+
+
+def paged_kv_caches(block_size: int, num_blocks: int, layout: str = "LBHNC") -> dict[str, torch.Tensor]:
+    """Per-layer cache tensors exactly as vLLM 0.33's worker views its allocation (``create_kv_cache_views``):
+    logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, physical order from ``layout``."""
+    from vllm.v1.kv_cache_interface import KVCacheTensor, create_kv_cache_views
+
+    cfg = kv_cache_config(block_size, num_blocks)
+    group = cfg.kv_cache_groups[0]
+    spec = group.kv_cache_spec
+    page = spec.page_size_bytes
+    size = page * num_blocks * NUM_LAYERS
+    raw = torch.zeros(size, dtype=torch.int8)
+    tensor = KVCacheTensor(size=size, layers=list(group.layer_names), layer_stride=page * num_blocks,
+                           block_stride=page)
+    views = create_kv_cache_views(raw, spec, num_blocks, layout_by_name(layout), tensor)
+    return dict(zip(group.layer_names, views))
+
+
+# ------------------------------------------------------------------------------------------- stand-in model
+def rope_spec() -> Any:
+    return rope_spec_from_config(TINY_QWEN2)
+
+
+class FakeModel:
+    """Writes K = R(pos) e_k(token) and V = e_v(token) for every scheduled token (see module docstring)."""
+
+    def __init__(self, kv_views: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        vocab = TINY_QWEN2["vocab_size"]
+        self.emb_k = torch.randn(NUM_LAYERS, vocab, NUM_KV_HEADS, HEAD_SIZE, generator=g)
+        self.emb_v = torch.randn(NUM_LAYERS, vocab, NUM_KV_HEADS, HEAD_SIZE, generator=g)
+        self.views = kv_views
+        self.block_size = block_size
+        self.rope = rope_spec()
+
+    def expected(self, layer: int, tokens: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        ids = torch.tensor(list(tokens), dtype=torch.long)
+        pos = torch.tensor(list(positions), dtype=torch.long)
+        return apply_rope(self.emb_k[layer, ids], pos, self.rope), self.emb_v[layer, ids]
+
+    def write(self, tokens: Sequence[int], positions: Sequence[int], block_ids: Sequence[int]) -> None:
+        if not tokens:
+            return
+        pos = torch.tensor(list(positions), dtype=torch.long)
+        blk = torch.tensor([block_ids[p // self.block_size] for p in positions], dtype=torch.long)
+        off = pos % self.block_size
+        for layer, (k, v) in enumerate(self.views):
+            ek, ev = self.expected(layer, tokens, positions)
+            k[blk, :, off] = ek
+            v[blk, :, off] = ev
+
+    def read(self, layer: int, positions: Sequence[int], block_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        blk = torch.tensor([block_ids[p // self.block_size] for p in positions], dtype=torch.long)
+        off = torch.tensor([p % self.block_size for p in positions], dtype=torch.long)
+        k, v = self.views[layer]
+        return k[blk, :, off].clone(), v[blk, :, off].clone()
+
+
+@dataclass
+class StepResult:
+    output: Any
+    engine_outputs: Any
+    loads: tuple = ()
+    saves: tuple = ()
+    load_errors: set = field(default_factory=set)
+
+
+class Engine:
+    """Real scheduler + real worker-side connector + stand-in model, stepped like vLLM's engine core."""
+
+    def __init__(self, vllm_config: Any, num_blocks: int = 256, layout: str = "LBHNC", kv_split: str | None = None,
+                 worker: bool = True) -> None:
+        self.vllm_config = vllm_config
+        self.block_size = vllm_config.cache_config.block_size
+        self.scheduler = make_scheduler(vllm_config, num_blocks)
+        self.requests: dict[str, Any] = {}
+        self.block_ids: dict[str, list[int]] = {}
+        self.worker = None
+        self.model = None
+        if worker and vllm_config.kv_transfer_config is not None:
+            from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+            from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+            from semblend.integration.vllm._worker import split_kv
+
+            self.worker = KVConnectorFactory.create_connector(
+                vllm_config, KVConnectorRole.WORKER, kv_cache_config(self.block_size, num_blocks))
+            if kv_split is not None:
+                self.worker.worker_side.kv_split = kv_split
+            caches = paged_kv_caches(self.block_size, num_blocks, layout)
+            self.worker.register_kv_caches(caches)
+            split = self.worker.worker_side.kv_split
+            names = sorted(caches, key=lambda n: int(n.split(".")[2]))
+            self.model = FakeModel([split_kv(caches[n], HEAD_SIZE, split) for n in names], self.block_size)
+
+    @property
+    def connector(self) -> Any:
+        return self.scheduler.connector
+
+    def add(self, request: Any) -> Any:
+        self.requests[request.request_id] = request
+        self.scheduler.add_request(request)
+        return request
+
+    def _track_blocks(self, out: Any) -> list[tuple[str, int, int]]:
+        """Update per-request block ids from the scheduler output; return (req_id, start, count) computed now."""
+        work = []
+        for new in out.scheduled_new_reqs:
+            self.block_ids[new.req_id] = list(new.block_ids[0])
+            work.append((new.req_id, new.num_computed_tokens, out.num_scheduled_tokens[new.req_id]))
+        cached = out.scheduled_cached_reqs
+        resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
+        for i, req_id in enumerate(cached.req_ids):
+            ids = cached.new_block_ids[i]
+            if ids is not None:
+                if req_id in resumed:
+                    self.block_ids[req_id] = list(ids[0])
+                else:
+                    self.block_ids.setdefault(req_id, []).extend(ids[0])
+            work.append((req_id, cached.num_computed_tokens[i], out.num_scheduled_tokens[req_id]))
+        return work
+
+    def step(self, *, fail_loads: bool = False, before_forward=None) -> StepResult:
+        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+        out = self.scheduler.schedule()
+        work = self._track_blocks(out)
+        meta = out.kv_connector_metadata
+        plan = getattr(meta, "plan", None)
+        errors: set[int] = set()
+        wmeta = None
+        if self.worker is not None:
+            self.worker.bind_connector_metadata(meta)
+            if fail_loads:
+                self.worker.worker_side.store = _BrokenStore(self.worker.worker_side.store)
+            self.worker.start_load_kv(None)
+            if fail_loads:
+                self.worker.worker_side.store = self.worker.worker_side.store.inner
+        if before_forward is not None:
+            before_forward(out)
+        if self.model is not None:
+            for req_id, start, count in work:
+                req = self.requests[req_id]
+                toks = list(req.all_token_ids)[start:start + count]
+                self.model.write(toks, range(start, start + len(toks)), self.block_ids[req_id])
+        if self.worker is not None:
+            self.worker.wait_for_save()
+            errors = self.worker.get_block_ids_with_load_errors()
+            wmeta = self.worker.build_connector_worker_meta()
+            self.worker.clear_connector_metadata()
+        req_ids = [w[0] for w in work]
+        sampled = []
+        for req_id, start, count in work:
+            req = self.requests[req_id]
+            sampled.append([7] if start + count >= req.num_tokens else [])
+        kv_out = None
+        if wmeta is not None or errors:
+            kv_out = KVConnectorOutput(invalid_block_ids=errors, kv_connector_worker_meta=wmeta)
+        mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
+                                pooler_output=None, kv_connector_output=kv_out)
+        eco = self.scheduler.update_from_output(out, mro)
+        return StepResult(out, eco, plan.loads if plan else (), plan.saves if plan else (), errors)
+
+    def run_until_done(self, max_steps: int = 200) -> list[StepResult]:
+        results = []
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished_requests():
+                return results
+            results.append(self.step())
+        raise AssertionError("requests did not finish")
+
+
+class _BrokenStore:
+    """A donor KV store whose every lease fails (simulates a donor evicted between scheduling and loading)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def lease(self, *a: Any, **kw: Any) -> Any:
+        raise KeyError("donor evicted")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def scheduling_trace(results: list[StepResult]) -> list[tuple]:
+    """What the scheduler decided each step, as plain data (for byte-identical comparisons)."""
+    trace = []
+    for r in results:
+        out = r.output
+        new = tuple((n.req_id, tuple(map(tuple, n.block_ids)), n.num_computed_tokens)
+                    for n in out.scheduled_new_reqs)
+        cached = out.scheduled_cached_reqs
+        cached_t = tuple((rid, cached.num_computed_tokens[i],
+                          tuple(map(tuple, cached.new_block_ids[i])) if cached.new_block_ids[i] else None)
+                         for i, rid in enumerate(cached.req_ids))
+        trace.append((new, cached_t, tuple(sorted(out.num_scheduled_tokens.items())),
+                      tuple(sorted(out.finished_req_ids))))
+    return trace
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in rng.integers(10, 990, size=n)]
