@@ -1,0 +1,91 @@
+"""Adapter config and namespace translation. Engine-free: vLLM config objects are stood in by namespaces."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from semblend.integration.vllm._config import (
+    ADAPTER_KEYS,
+    base_namespace,
+    parse_extra_config,
+    request_namespace,
+)
+from semblend_core import ConfigError
+
+
+def vllm_config(**over):
+    model = SimpleNamespace(model="Qwen/Qwen2.5-7B-Instruct", revision="abc", tokenizer="Qwen/Qwen2.5-7B-Instruct",
+                            tokenizer_revision=None, dtype="torch.bfloat16", quantization=None,
+                            hf_config={"model_type": "qwen2", "rope_theta": 1e6, "head_dim": 128})
+    cache = SimpleNamespace(cache_dtype="auto", block_size=16, kv_cache_layout="LBNHC")
+    parallel = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1)
+    cfg = SimpleNamespace(model_config=model, cache_config=cache, parallel_config=parallel)
+    for path, value in over.items():
+        obj_name, attr = path.split("__")
+        setattr(getattr(cfg, obj_name), attr, value)
+    return cfg
+
+
+def test_defaults_are_discovery_only():
+    adapter, core = parse_extra_config({}, environ={})
+    assert adapter.mode == "discovery_only" and core.discovery_only is True
+
+
+def test_mode_prefix_and_core_keys_are_split():
+    adapter, core = parse_extra_config({"mode": "prefix", "min_similarity": "0.7", "donor_kv_gpu_bytes": "1024"},
+                                       environ={})
+    assert (adapter.mode, adapter.donor_kv_gpu_bytes) == ("prefix", 1024)
+    assert core.min_similarity == 0.7 and core.discovery_only is False
+
+
+def test_env_is_the_base_and_extra_config_wins():
+    _, core = parse_extra_config({"min_similarity": 0.8}, environ={"SEMBLEND_MIN_SIMILARITY": "0.5",
+                                                                    "SEMBLEND_CHUNK_SIZE": "32"})
+    assert core.min_similarity == 0.8 and core.chunk_size == 32
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"min_similarty": 0.7}, r"unknown SemBlend config key.*min_similarty.*allowed: .*min_similarity"),
+    ({"mode": "blend"}, r"mode='blend' is not allowed; allowed: discovery_only, prefix"),
+    ({"donor_kv_gpu_bytes": -1}, r"donor_kv_gpu_bytes=-1"),
+    ({"mode": "prefix", "discovery_only": True}, r"discovery_only=True but mode='prefix'"),
+])
+def test_bad_keys_fail_naming_what_is_allowed(extra, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        parse_extra_config(extra, environ={})
+    if "unknown" in match:
+        assert all(k in str(info.value) for k in ADAPTER_KEYS)
+
+
+def test_namespace_separates_everything_that_changes_kv():
+    ns = base_namespace(vllm_config())
+    assert ns.kv_dtype == "auto/bfloat16" and ns.kv_layout == "LBNHC" and ns.block_size == 16
+    assert '"rope_theta":1000000' in ns.rope
+    variants = [
+        vllm_config(model_config__revision="def"),
+        vllm_config(model_config__quantization="fp8"),
+        vllm_config(cache_config__cache_dtype="fp8"),
+        vllm_config(model_config__dtype="torch.float16"),
+        vllm_config(cache_config__block_size=32),
+        vllm_config(cache_config__kv_cache_layout="LBHNC"),
+        vllm_config(parallel_config__tensor_parallel_size=2),
+        vllm_config(parallel_config__pipeline_parallel_size=2),
+        vllm_config(model_config__hf_config={"model_type": "qwen2", "rope_theta": 1e4, "head_dim": 128}),
+        vllm_config(model_config__tokenizer_revision="t2"),
+    ]
+    keys = {base_namespace(v).key for v in variants}
+    assert ns.key not in keys and len(keys) == len(variants)
+    assert base_namespace(vllm_config()).key == ns.key  # and it is stable
+
+
+def test_request_namespace_adds_lora_and_cache_salt():
+    base = base_namespace(vllm_config())
+    plain = SimpleNamespace(lora_request=None, cache_salt=None)
+    assert request_namespace(base, plain) is base
+    lora = SimpleNamespace(lora_request=SimpleNamespace(lora_name="sql", lora_path="/a/sql"), cache_salt=None)
+    salted = SimpleNamespace(lora_request=None, cache_salt="tenant-1")
+    keys = {request_namespace(base, r).key for r in (lora, salted)}
+    assert len(keys) == 2 and base.key not in keys
+    assert request_namespace(base, salted).cache_salt == "tenant-1"
