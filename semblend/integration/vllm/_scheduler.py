@@ -43,6 +43,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from semblend_core import CacheNamespace, Outcome, Reason, SemanticKvPlan
 from semblend_core.errors import SemBlendError
 
@@ -156,10 +158,14 @@ class SchedulerSide:
     def _state(self, request: Any) -> _RequestState:
         st = self._requests.get(request.request_id)
         if st is None:
+            ids = request.prompt_token_ids if request.prompt_token_ids is not None else ()
+            # One conversion per request (fromiter is the cheapest path from a list of Python ints); the array is
+            # reused for every plan of the request and for its donor registration.
+            prompt = np.fromiter(ids, dtype=np.int64, count=len(ids))
             st = _RequestState(
                 req_id=request.request_id,
                 namespace=request_namespace(self.base_namespace, request),
-                prompt=request.prompt_token_ids if request.prompt_token_ids is not None else (),
+                prompt=prompt,
                 num_prompt_tokens=int(request.num_prompt_tokens),
             )
             self._requests[request.request_id] = st
@@ -371,7 +377,7 @@ class SchedulerSide:
         while len(self._awaiting_capture) > self.MAX_AWAITING_CAPTURE:
             self._awaiting_capture.popitem(last=False)
         out.append(SaveSpec(st.req_id, st.namespace.key, st.req_id, n, tuple(st.block_ids[:nblocks]),
-                            self.block_size, tuple(int(t) for t in st.prompt[:n])))
+                            self.block_size, tuple(np.asarray(st.prompt[:n]).tolist())))
 
     def _on_preempted(self, req_id: str) -> None:
         st = self._requests.get(req_id)

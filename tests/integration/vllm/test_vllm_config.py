@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -89,3 +91,23 @@ def test_request_namespace_adds_lora_and_cache_salt():
     keys = {request_namespace(base, r).key for r in (lora, salted)}
     assert len(keys) == 2 and base.key not in keys
     assert request_namespace(base, salted).cache_salt == "tenant-1"
+
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "vllm"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)
+def test_example_kv_transfer_configs_are_valid(path):
+    cfg = json.loads(path.read_text())
+    assert cfg["kv_connector"] == "SemBlendConnectorV1"
+    assert cfg["kv_connector_module_path"] == "semblend.integration.vllm.connector_v1"
+    assert cfg["kv_load_failure_policy"] == "recompute"
+    adapter, _ = parse_extra_config(cfg["kv_connector_extra_config"], environ={})
+    assert adapter.mode in path.stem
+
+
+def test_every_mode_has_an_example():
+    from semblend.integration.vllm import MODES
+
+    stems = [p.stem for p in EXAMPLES.glob("*.json")]
+    assert all(any(s.startswith(mode) for s in stems) for mode in MODES)
