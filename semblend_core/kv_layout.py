@@ -23,7 +23,7 @@ Nothing here imports torch: tensors are only asked for ``shape``, ``stride()``, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from semblend_core.errors import SemBlendError
@@ -155,17 +155,36 @@ def _slot_geometry(layout: KvLayout, t: Any, what: str) -> SlotGeometry:
     return SlotGeometry(n, 1, heads, shape[-1], sb, 0, sh)
 
 
+@dataclass(frozen=True)
+class ResolvedKv:
+    """What the kernels need from a :class:`KvCacheView`, computed once per view (plain ints, no tensors).
+
+    ``k_ptrs[i]`` / ``v_ptrs[i]`` are the base addresses of layer ``i``'s K and V; ``byte_ranges`` the ``[start,
+    end)`` address range of every K and V tensor (for overlap detection).
+    """
+
+    geometry: SlotGeometry
+    dtype: Any
+    device: Any
+    element_size: int
+    k_ptrs: tuple[int, ...]
+    v_ptrs: tuple[int, ...]
+    byte_ranges: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True, eq=False)
 class KvCacheView:
     """The per-layer tensors of one KV cache, seen through a :class:`KvLayout`.
 
     ``layers[i]`` is one tensor (``layout.kv_stacked``) or a ``(k, v)`` pair. All layers must share shape, strides,
-    dtype and device (engines allocate them alike); :meth:`geometry` checks that. The view holds references only:
-    the kernels write into the engine's own tensors.
+    dtype and device (engines allocate them alike); :meth:`resolve` checks that. The view holds references only:
+    the kernels write into the engine's own tensors. Checks and addresses are computed on first use and kept: build
+    a new view if the engine reallocates its tensors (views are cheap).
     """
 
     layout: KvLayout
     layers: tuple
+    _resolved: ResolvedKv | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -195,77 +214,115 @@ class KvCacheView:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def _check_entry(self, layer: int) -> Any:
+        entry = self.layers[layer]
+        lay = self.layout
+        if lay.kv_axis is None:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise KvLayoutError(f"layers[{layer}]: layout {lay.name} needs a (k, v) pair per layer")
+            return entry
+        if isinstance(entry, (tuple, list)):
+            raise KvLayoutError(f"layers[{layer}]: layout {lay.name} needs one tensor per layer")
+        if len(entry.shape) != lay.layer_rank:
+            raise KvLayoutError(
+                f"layers[{layer}]: expected rank {lay.layer_rank} ({lay.shape_doc()}), got shape {tuple(entry.shape)}"
+            )
+        if entry.shape[lay.kv_axis] != 2:
+            raise KvLayoutError(
+                f"layers[{layer}]: K/V axis {lay.kv_axis} must have size 2 ({lay.shape_doc()}), "
+                f"got shape {tuple(entry.shape)}"
+            )
+        return entry
+
     def kv(self, layer: int) -> tuple[Any, Any]:
         """``(k, v)`` tensors of one layer, each of rank ``layout.kv_rank`` (views, no copy)."""
-        entry = self.layers[layer]
+        entry = self._check_entry(layer)
         if self.layout.kv_axis is None:
-            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-                raise KvLayoutError(f"layers[{layer}]: layout {self.layout.name} needs a (k, v) pair per layer")
             return entry[0], entry[1]
-        if isinstance(entry, (tuple, list)):
-            raise KvLayoutError(f"layers[{layer}]: layout {self.layout.name} needs one tensor per layer")
-        if len(entry.shape) != self.layout.layer_rank:
-            raise KvLayoutError(
-                f"layers[{layer}]: expected rank {self.layout.layer_rank} ({self.layout.shape_doc()}), "
-                f"got shape {tuple(entry.shape)}"
-            )
-        if entry.shape[self.layout.kv_axis] != 2:
-            raise KvLayoutError(
-                f"layers[{layer}]: K/V axis {self.layout.kv_axis} must have size 2 ({self.layout.shape_doc()}), "
-                f"got shape {tuple(entry.shape)}"
-            )
         return entry.select(self.layout.kv_axis, 0), entry.select(self.layout.kv_axis, 1)
 
-    def geometry(self, what: str = "cache") -> SlotGeometry:
-        """Check every layer against the layout and each other; return their common :class:`SlotGeometry`.
+    def resolve(self, what: str = "cache") -> ResolvedKv:
+        """Check every layer against the layout and each other; return (and keep) the :class:`ResolvedKv`.
 
-        Raises :class:`KvLayoutError` naming ``what`` (the argument) and the offending layer.
+        Raises :class:`KvLayoutError` naming ``what`` (the argument) and the offending layer. Costs a few tensor
+        attribute reads per layer (no views are created), once per view.
         """
+        if self._resolved is not None:
+            return self._resolved
         if self.num_layers == 0:
             raise KvLayoutError(f"{what}: no layers")
-        ref_shape = ref_stride = ref_dtype = ref_device = None
+        ax = self.layout.kv_axis
+        ref: tuple | None = None
         geom = None
+        k_ptrs, v_ptrs = [], []
         for i in range(self.num_layers):
-            k, v = self.kv(i)
-            for role, t in (("K", k), ("V", v)):
+            entry = self._check_entry(i)
+            if ax is None:
+                parts = [("K", entry[0]), ("V", entry[1])]
+            else:
+                parts = [("K/V", entry)]
+            for role, t in parts:
                 label = f"{what}.layers[{i}] {role}"
-                g = _slot_geometry(self.layout, t, label)
-                if geom is None:
-                    geom, ref_shape, ref_stride = g, tuple(t.shape), tuple(t.stride())
-                    ref_dtype, ref_device = t.dtype, t.device
+                shape, stride = tuple(t.shape), tuple(t.stride())
+                ptr = t.data_ptr()
+                if ax is not None:  # drop the K/V axis; V starts one K/V stride after K
+                    kv_stride = stride[ax]
+                    shape, stride = shape[:ax] + shape[ax + 1:], stride[:ax] + stride[ax + 1:]
+                    k_ptrs.append(ptr)
+                    v_ptrs.append(ptr + kv_stride * t.element_size())
+                else:
+                    (k_ptrs if role == "K" else v_ptrs).append(ptr)
+                if ref is None:
+                    geom = _slot_geometry(self.layout, _Shaped(shape, stride), label)
+                    ref = (shape, stride, t.dtype, t.device, t.element_size())
                     continue
-                if tuple(t.shape) != ref_shape or tuple(t.stride()) != ref_stride:
+                if shape != ref[0] or stride != ref[1]:
                     raise KvLayoutError(
-                        f"{label}: shape {tuple(t.shape)} / strides {tuple(t.stride())} differ from layer 0 K "
-                        f"{ref_shape} / {ref_stride}; all layers must be allocated alike"
+                        f"{label}: shape {shape} / strides {stride} differ from layer 0 K {ref[0]} / {ref[1]}; "
+                        "all layers must be allocated alike"
                     )
-                if t.dtype != ref_dtype:
-                    raise KvLayoutError(f"{label}: dtype {t.dtype} differs from layer 0 K ({ref_dtype})")
-                if t.device != ref_device:
-                    raise KvLayoutError(f"{label}: device {t.device} differs from layer 0 K ({ref_device})")
-        assert geom is not None
-        return geom
+                if t.dtype != ref[2]:
+                    raise KvLayoutError(f"{label}: dtype {t.dtype} differs from layer 0 K ({ref[2]})")
+                if t.device != ref[3]:
+                    raise KvLayoutError(f"{label}: device {t.device} differs from layer 0 K ({ref[3]})")
+        assert geom is not None and ref is not None
+        esize = ref[4]
+        numel = 1
+        for n in ref[0]:
+            numel *= n
+        # torch strides are >= 0, so a tensor spans [ptr, ptr + (1 + sum((n - 1) * stride)) * esize).
+        span = 0 if numel == 0 else (1 + sum((n - 1) * st for n, st in zip(ref[0], ref[1]))) * esize
+        ranges = tuple((p, p + span) for p in k_ptrs + v_ptrs if span)
+        resolved = ResolvedKv(geom, ref[2], ref[3], esize, tuple(k_ptrs), tuple(v_ptrs), ranges)
+        object.__setattr__(self, "_resolved", resolved)
+        return resolved
+
+    def geometry(self, what: str = "cache") -> SlotGeometry:
+        """The layers' common :class:`SlotGeometry` (see :meth:`resolve`)."""
+        return self.resolve(what).geometry
 
     @property
     def dtype(self) -> Any:
-        return self.kv(0)[0].dtype
+        return self.resolve().dtype
 
     @property
     def device(self) -> Any:
-        return self.kv(0)[0].device
+        return self.resolve().device
 
-    def byte_ranges(self) -> list[tuple[int, int]]:
+    def byte_ranges(self) -> tuple[tuple[int, int], ...]:
         """``[start, end)`` byte address ranges spanned by every K and V tensor (for overlap detection)."""
-        out = []
-        for i in range(self.num_layers):
-            for t in self.kv(i):
-                if t.numel() == 0:
-                    continue
-                span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
-                lowest = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)  # torch strides are >= 0; be safe
-                start = t.data_ptr() + lowest * t.element_size()
-                out.append((start, start + span * t.element_size()))
-        return out
+        return self.resolve().byte_ranges
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    """Shape and strides of a K (or V) tensor with the K/V axis removed, as ``_slot_geometry`` reads them."""
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    def stride(self) -> tuple[int, ...]:
+        return self.strides
 
 
 def views_overlap(a: KvCacheView, b: KvCacheView) -> bool:

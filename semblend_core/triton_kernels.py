@@ -360,12 +360,9 @@ def _pointer_tables(view: KvCacheView) -> tuple[torch.Tensor, torch.Tensor]:
     """Device int64 tables ``[num_layers]`` of K and V base addresses; cached (engines keep their caches)."""
     import torch
 
-    k_ptrs, v_ptrs = [], []
-    for layer in range(view.num_layers):
-        k, v = view.kv(layer)
-        k_ptrs.append(k.data_ptr())
-        v_ptrs.append(v.data_ptr())
-    key = (str(view.device), tuple(k_ptrs), tuple(v_ptrs))
+    r = view.resolve()
+    k_ptrs, v_ptrs = list(r.k_ptrs), list(r.v_ptrs)
+    key = (str(r.device), r.k_ptrs, r.v_ptrs)
     with _table_lock:
         hit = _TABLE_CACHE.get(key)
         if hit is not None:
@@ -385,9 +382,20 @@ def _next_pow2(x: int) -> int:
 
 
 def default_block_tokens(num_kv_heads: int, head_dim: int) -> int:
-    """Tokens per program: about 2K elements of K (and as many of V) per tile, a power of two in [1, 64]."""
+    """Tokens per program: about 1K elements of K (and as many of V) per tile, a power of two in [1, 64].
+
+    Measured on an H100 (benchmarks/results/kernels_h100.json, 28x4x128 bf16): tiles of 512-1024 elements at
+    16-32 elements per thread reach 82-88% of the device copy bandwidth; 2K+ element tiles at 4 warps fall to
+    55-77%, and 8K-element tiles spill registers (30%).
+    """
     per_token = _next_pow2(num_kv_heads) * _next_pow2(head_dim)
-    return max(1, min(64, _next_pow2(max(1, 2048 // per_token))))
+    return max(1, min(64, _next_pow2(max(1, 1024 // per_token))))
+
+
+def default_num_warps(num_kv_heads: int, head_dim: int, block_tokens: int) -> int:
+    """Warps per program: about 16 elements of the K tile per thread, 1 to 8 warps."""
+    tile = block_tokens * _next_pow2(num_kv_heads) * _next_pow2(head_dim)
+    return max(1, min(8, _next_pow2(max(1, tile // 512))))
 
 
 def _launch(
@@ -430,7 +438,7 @@ def _launch(
         HEAD_DIM=head_dim, DIM_PAD=_next_pow2(head_dim),
         ROTARY_DIM=rope.rotary_dim, HALF_PAD=_next_pow2(rope.rotary_dim // 2),
         PASS_PAD=_next_pow2(max(1, head_dim - rope.rotary_dim)), INTERLEAVED=bool(rope.interleaved), ROTATE=rotate,
-        BLOCK_T=bt, num_warps=num_warps or 4,
+        BLOCK_T=bt, num_warps=num_warps or default_num_warps(heads, head_dim, bt),
     )
 
 
