@@ -213,7 +213,11 @@ class SemBlendPipeline:
         cands = self.store.candidates(query, ns.key, cfg.max_candidates)
         t1 = time.perf_counter()
         best: tuple[DonorRecord, Alignment] | None = None
-        for cand in cands:
+        # The sketch estimates how many prompt k-grams a candidate shares; one far below the reuse gate cannot pass
+        # it, so it is not worth aligning (half the gate leaves ample room for sampling noise).
+        floor = 0.5 * cfg.min_reuse_ratio * max(1, m - cfg.shingle_tokens + 1)
+        viable = [c for c in cands if c.score >= floor]
+        for cand in viable:
             rec = self.store.get(cand.slot)
             if rec is None or rec.namespace_key != ns.key:
                 continue
@@ -241,6 +245,11 @@ class SemBlendPipeline:
                         best, cosine, discovery = (rec, aln), cos, "embedding"
             t2 = time.perf_counter()
         timings = PlanTimings(discovery_s=t1 - t0, embedding_s=embed_s, alignment_s=t2 - t1 - embed_s)
+        if best is None and cands:
+            top = self.store.get(cands[0].slot)
+            return self._miss(Reason.BELOW_MIN_REUSE_RATIO, m, ns, start, timings=timings,
+                              donor_id=top.donor_id if top else None, discovery="anchors",
+                              details={"candidates": len(cands), "estimated_shared_kgrams": round(cands[0].score, 1)})
         if best is None:
             return self._miss(Reason.NO_CANDIDATE, m, ns, start, timings=timings,
                               details={"candidates": len(cands)})
