@@ -180,6 +180,20 @@ class SchedulerSide:
         self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded_tokens, reason=reason)
         self.stats.outcome(outcome, reason or plan.reason, loaded_tokens)
 
+    _MISS_OUTCOMES = {Reason.NO_CANDIDATE: Outcome.COLD, Reason.DISABLED: Outcome.COLD,
+                      Reason.EXACT_PREFIX_SUFFICIENT: Outcome.EXACT, Reason.NO_GAIN_OVER_EXACT_PREFIX: Outcome.EXACT}
+
+    def _count_plan_outcome(self, st: _RequestState, plan: SemanticKvPlan) -> None:
+        """Outcomes the pipeline records itself (misses; discovery-only hits): count them for metrics once."""
+        if st.outcome_recorded:
+            return
+        st.outcome_recorded = True
+        if plan.is_hit:
+            outcome = Outcome.DISCOVERY_ONLY
+        else:
+            outcome = self._MISS_OUTCOMES.get(plan.reason, Outcome.DECLINED)
+        self.stats.outcome(outcome, plan.reason)
+
     def num_tracked_requests(self) -> int:
         """Requests with state here (0 when the scheduler is idle: nothing leaks)."""
         return len(self._requests) + len(self._pending_loads) + len(self._load_votes)
@@ -196,8 +210,7 @@ class SchedulerSide:
             if self.discovery_only:
                 if st.plan is None:
                     st.plan = self._plan(st, num_computed_tokens)
-                    if st.plan.is_hit:
-                        st.outcome_recorded = True  # the pipeline recorded discovery_only for the hit
+                    self._count_plan_outcome(st, st.plan)  # the pipeline recorded it in its telemetry
                 return 0, False
             return self._decide(st, request, num_computed_tokens).credit, False
         except Exception as exc:  # rule 5: never fail inference
@@ -222,7 +235,7 @@ class SchedulerSide:
         d = _Decision(num_local=num_local, plan=plan)
         st.decision, st.plan = d, plan
         if not plan.is_hit:
-            st.outcome_recorded = True  # the pipeline records misses itself
+            self._count_plan_outcome(st, plan)  # the pipeline recorded the miss in its telemetry
             d.reason = plan.reason
             return d
         # Only the prompt counts: a resumed request's output tokens are never reused.

@@ -265,3 +265,36 @@ def test_context_exact_load_stays_shareable(model_dir):
     assert local_hit(eng, prompt) >= 192                  # bit-exact KV: shareable like any prefix-cache block
     assert blocks_under_exact_hashes(eng, "target", prompt) == list(range(len(prompt) // BS))
     assert_no_leaks(eng)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_outcomes_reach_vllms_stats_logging_and_prometheus(model_dir):
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+
+    eng = prefix_engine(model_dir)
+    eng.add(H.make_request(A + D, req_id="donor"))
+    results = eng.run_until_done()
+    eng.add(H.make_request(D + Q, req_id="target"))
+    results += eng.run_until_done()
+    # vLLM's scheduler collects get_kv_connector_stats() every step into its SchedulerStats.
+    windows = [o.scheduler_stats.kv_connector_stats for r in results for o in r.engine_outputs.values()
+               if o.scheduler_stats is not None and o.scheduler_stats.kv_connector_stats]
+    assert windows
+    logging_ = KVConnectorLogging(eng.vllm_config.kv_transfer_config)
+    registry = CollectorRegistry()
+    types = {t: functools.partial(t, registry=registry) for t in (Gauge, Counter, Histogram)}
+    prom = type(eng.connector).build_prom_metrics(eng.vllm_config, types, ["model_name", "engine"],
+                                                  {0: ["tiny", "0"]})
+    for w in windows:
+        logging_.observe(w)
+        prom.observe(w, 0)
+    lines = []
+    logging_.log(lambda fmt, *args: lines.append(fmt % args))
+    assert lines and "semblend_materialized=1" in lines[0] and "semblend_cold=1" in lines[0]
+    text = generate_latest(registry).decode()
+    assert 'vllm:semblend_outcomes_total{engine="0",model_name="tiny",outcome="materialized",reason="hit"} 1.0' \
+        in text
+    assert 'vllm:semblend_loaded_tokens_total{engine="0",model_name="tiny"} 192.0' in text
