@@ -174,3 +174,24 @@ def test_demo_falls_back_to_discovery_demo(monkeypatch):
     assert s["same_paper"]["hit_rate"] == 1.0 and s["same_paper"]["min_reuse_ratio"] >= 0.8
     assert s["held_out"]["prompts"] == 12 and s["held_out"]["false_hits"] == 0
     assert {r["layout"] for r in out["rows"]} == {"instruction_first", "instruction_last"}
+
+
+def test_demo_runs_the_model_demo_when_importable(monkeypatch):
+    # CLI wiring only: a stand-in module replaces the model demo (which needs a model and minutes of CPU); the
+    # model demo itself is tested in tests/integration/transformers.
+    import types
+
+    calls = []
+    fake = types.ModuleType("semblend.integration.transformers.demo")
+
+    def run_demo(n_papers, device, as_json):
+        calls.append((n_papers, device, as_json))
+        return {"rows": [{"paper": "p"}], "summary": {"hits": 1}}
+
+    fake.run_demo = run_demo
+    monkeypatch.setitem(sys.modules, "semblend.integration.transformers.demo", fake)
+    res = _run("demo", "--json", "--papers", "2")
+    assert res.exit_code == 0, res.output
+    assert calls == [(2, "cpu", True)]
+    assert json.loads(res.stdout) == {"rows": [{"paper": "p"}], "summary": {"hits": 1}}
+    assert _run("demo", "--device", "tpu").exit_code == 2
