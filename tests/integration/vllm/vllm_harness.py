@@ -112,27 +112,47 @@ def make_request(tokens: Sequence[int], *, max_tokens: int = 4, req_id: str | No
 
 
 # ------------------------------------------------------------------------------------------- paged cache tensors
-def layout_by_name(name: str) -> Any:
-    from vllm.v1.kv_cache_layout import KVCacheLayout
-
-    return KVCacheLayout[name]
-
-
 def paged_kv_caches(block_size: int, num_blocks: int, layout: str = "LBHNC") -> dict[str, torch.Tensor]:
-    """Per-layer cache tensors exactly as vLLM 0.33's worker views its allocation (``create_kv_cache_views``):
-    logical ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, physical order from ``layout``."""
-    from vllm.v1.kv_cache_interface import KVCacheTensor, create_kv_cache_views
+    """Per-layer cache tensors exactly as vLLM's worker views its allocation.
 
+    vLLM 0.33: ``create_kv_cache_views`` over one int8 allocation, physical order from ``KVCacheLayout[layout]``.
+    Older releases: the attention backend's ``get_kv_cache_shape`` (logical ``[num_blocks, num_kv_heads,
+    block_size, 2 * head_size]``) permuted by its ``get_kv_cache_stride_order`` for NHD (LBNHC) or HND (LBHNC).
+    """
     cfg = kv_cache_config(block_size, num_blocks)
     group = cfg.kv_cache_groups[0]
     spec = group.kv_cache_spec
+    try:
+        from vllm.v1.kv_cache_interface import KVCacheTensor, create_kv_cache_views
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+    except ImportError:
+        return _paged_kv_caches_legacy(group, block_size, num_blocks, layout)
     page = spec.page_size_bytes
     size = page * num_blocks * NUM_LAYERS
     raw = torch.zeros(size, dtype=torch.int8)
     tensor = KVCacheTensor(size=size, layers=list(group.layer_names), layer_stride=page * num_blocks,
                            block_stride=page)
-    views = create_kv_cache_views(raw, spec, num_blocks, layout_by_name(layout), tensor)
+    views = create_kv_cache_views(raw, spec, num_blocks, KVCacheLayout[layout], tensor)
     return dict(zip(group.layer_names, views))
+
+
+def _paged_kv_caches_legacy(group: Any, block_size: int, num_blocks: int, layout: str) -> dict[str, torch.Tensor]:
+    from vllm.v1.attention.backends import utils as backend_utils
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    shape = FlashAttentionBackend.get_kv_cache_shape(num_blocks, block_size, NUM_KV_HEADS, HEAD_SIZE)
+    previous = getattr(backend_utils, "_KV_CACHE_LAYOUT_OVERRIDE", None)
+    backend_utils._KV_CACHE_LAYOUT_OVERRIDE = {"LBNHC": "NHD", "LBHNC": "HND"}[layout]
+    try:
+        order = FlashAttentionBackend.get_kv_cache_stride_order()
+    finally:
+        backend_utils._KV_CACHE_LAYOUT_OVERRIDE = previous
+    inverse = [order.index(i) for i in range(len(order))]
+    out = {}
+    for name in group.layer_names:
+        physical = torch.zeros([shape[i] for i in order], dtype=torch.float32)
+        out[name] = physical.permute(*inverse)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- stand-in model
