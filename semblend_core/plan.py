@@ -222,6 +222,6 @@ class SemanticKvPlan:
             "recomputed_fraction": round(self.recomputed_fraction, 6),
             "layer_recompute": list(self.layer_recompute),
             "namespace": self.namespace.key,
-            "timings_ms": {k: round(v * 1e3, 4) for k, v in self.timings.__dict__.items()},
+            "timings_ms": {k.removesuffix("_s"): round(v * 1e3, 4) for k, v in self.timings.__dict__.items()},
             "details": {k: v for k, v in self.details},
         }
