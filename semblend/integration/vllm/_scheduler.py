@@ -41,12 +41,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-
-from semblend_core import CacheNamespace, Outcome, Reason, SemanticKvPlan
-from semblend_core.errors import SemBlendError
 
 from semblend.integration.vllm._config import (
     MODE_DISCOVERY_ONLY,
@@ -55,6 +52,8 @@ from semblend.integration.vllm._config import (
 )
 from semblend.integration.vllm._metadata import KvSignature, LoadSpec, SaveSpec, StepPlan, WorkerReport
 from semblend.integration.vllm._metrics import ConnectorStats
+from semblend_core import CacheNamespace, Outcome, Reason, SemanticKvPlan
+from semblend_core.errors import SemBlendError
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ class SchedulerSide:
         self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded_tokens, reason=reason)
         self.stats.outcome(outcome, reason or plan.reason, loaded_tokens)
 
-    _MISS_OUTCOMES = {Reason.NO_CANDIDATE: Outcome.COLD, Reason.DISABLED: Outcome.COLD,
+    _MISS_OUTCOMES: ClassVar[dict[str, str]] = {Reason.NO_CANDIDATE: Outcome.COLD, Reason.DISABLED: Outcome.COLD,
                       Reason.EXACT_PREFIX_SUFFICIENT: Outcome.EXACT, Reason.NO_GAIN_OVER_EXACT_PREFIX: Outcome.EXACT}
 
     def _count_plan_outcome(self, st: _RequestState, plan: SemanticKvPlan) -> None:
@@ -213,7 +212,7 @@ class SchedulerSide:
                     self._count_plan_outcome(st, st.plan)  # the pipeline recorded it in its telemetry
                 return 0, False
             return self._decide(st, request, num_computed_tokens).credit, False
-        except Exception as exc:  # rule 5: never fail inference
+        except Exception as exc:  # noqa: BLE001 -- rule 5: never fail inference
             logger.warning("SemBlend: planning for %s failed (%s: %s); normal prefill",
                            getattr(request, "request_id", "?"), type(exc).__name__, exc)
             return 0, False

@@ -39,10 +39,16 @@ from typing import Any
 
 import numpy as np
 
+from semblend.integration.vllm._metadata import (
+    KvSignature,
+    LoadSpec,
+    SavedDonor,
+    SaveSpec,
+    StepPlan,
+    WorkerReport,
+)
 from semblend_core.kv_layout import HF_CONTIGUOUS, VLLM_FLASH_NHD, KvCacheView
 from semblend_core.rope_correction import RopeSpec
-
-from semblend.integration.vllm._metadata import KvSignature, LoadSpec, SavedDonor, SaveSpec, StepPlan, WorkerReport
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +152,7 @@ class WorkerSide:
             t0 = time.perf_counter()
             try:
                 self._load(spec)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 -- any failure must reach vLLM's recompute path
                 logger.warning("SemBlend: load for %s failed (%s: %s); vLLM will recompute %d tokens",
                                spec.req_id, type(exc).__name__, exc, spec.num_tokens)
                 self._fail(spec)
@@ -224,7 +230,7 @@ class WorkerSide:
                              validate_indices=False)
             token_ids = spec.token_ids if spec.token_ids else np.zeros(spec.num_tokens, dtype=np.int64)
             self.store.put(spec.namespace_key, spec.donor_id, kv, token_ids)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- a failed capture is a future miss, never an error
             logger.warning("SemBlend: capture of %s failed (%s: %s)", spec.donor_id, type(exc).__name__, exc)
             self._report = self._report.merge(WorkerReport(save_failed=(key,), workers=0))
             return

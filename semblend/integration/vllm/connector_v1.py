@@ -24,22 +24,21 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from semblend_core import ConfigError
-from semblend_core._compat import require
-
 from semblend.integration.vllm._config import MODE_PREFIX, base_namespace, parse_extra_config
 from semblend.integration.vllm._metadata import KvSignature, StepPlan, WorkerReport
 from semblend.integration.vllm._metrics import ConnectorStats
+from semblend_core import ConfigError
+from semblend_core._compat import require
 
 require("vllm", extra="vllm")
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
 )
@@ -169,7 +168,7 @@ def _kv_split() -> str:
         from vllm.platforms import current_platform
 
         return "token_halves" if current_platform.is_cpu() else "content"
-    except Exception:  # platform detection failed: the GPU backends' convention
+    except Exception:  # noqa: BLE001 -- platform detection failed: the GPU backends' convention
         return "content"
 
 
@@ -217,10 +216,9 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
             raise ConfigError("SemBlend mode 'prefix' does not support encoder-decoder models")
 
     def _build_scheduler_side(self, vllm_config: Any, kv_cache_config: Any, spec: Any, hf_config: Any) -> Any:
+        from semblend.integration.vllm._scheduler import SchedulerSide
         from semblend_core import SemBlendPipeline
         from semblend_core.bathtub import ModelShape
-
-        from semblend.integration.vllm._scheduler import SchedulerSide
 
         num_layers = int(getattr(hf_config, "num_hidden_layers", 0) or 0)
         shape = ModelShape(num_layers=num_layers, model_type=str(getattr(hf_config, "model_type", "") or "")) \

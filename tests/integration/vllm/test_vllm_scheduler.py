@@ -8,10 +8,10 @@ pytestmark = pytest.mark.engine_vllm
 pytest.importorskip("vllm", reason="vllm not installed: run scripts/setup_vllm_env.sh")
 pytest.importorskip("torch")
 
-import torch  # noqa: E402
-import vllm_harness as H  # noqa: E402
+import torch
+import vllm_harness as H
 
-from semblend_core.rope_correction import rerotate_keys  # noqa: E402
+from semblend_core.rope_correction import rerotate_keys
 
 BS = 16
 A, D, Q = H.tokens(1, 64), H.tokens(2, 192), H.tokens(3, 64)  # system text, document, question

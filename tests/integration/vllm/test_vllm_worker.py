@@ -13,12 +13,12 @@ pytestmark = pytest.mark.engine_vllm
 pytest.importorskip("vllm", reason="vllm not installed: run scripts/setup_vllm_env.sh")
 torch = pytest.importorskip("torch")
 
-import vllm_harness as H  # noqa: E402
+import vllm_harness as H
 
-from semblend.integration.vllm._metadata import LoadSpec, SaveSpec, StepPlan  # noqa: E402
-from semblend.integration.vllm._worker import WorkerSide, split_kv  # noqa: E402
-from semblend_core.kv_tensor_store import KvTensorStore  # noqa: E402
-from semblend_core.rope_correction import rerotate_keys  # noqa: E402
+from semblend.integration.vllm._metadata import LoadSpec, SaveSpec, StepPlan
+from semblend.integration.vllm._worker import WorkerSide, split_kv
+from semblend_core.kv_tensor_store import KvTensorStore
+from semblend_core.rope_correction import rerotate_keys
 
 BS, NUM_BLOCKS, NS = 16, 24, "ns-key"
 LAYOUTS = [("LBHNC", "token_halves"), ("LBNHC", "content"), ("LBHNC", "content")]
@@ -102,7 +102,7 @@ def test_start_load_writes_rerotated_donor_kv_into_the_requests_blocks_only(layo
 
 @pytest.mark.parametrize("layout,split", LAYOUTS[:2])
 def test_capture_stores_the_prompts_kv_and_reports_it(layout, split):
-    worker, caches, views, store = make_worker(layout, split)
+    worker, _caches, views, store = make_worker(layout, split)
     block_ids = (7, 1, 12)
     spec = SaveSpec("r", NS, "r", 40, block_ids, BS, tuple(range(40)))
     worker.start_load(StepPlan(saves=(spec,)))
@@ -118,7 +118,7 @@ def test_capture_stores_the_prompts_kv_and_reports_it(layout, split):
 
 
 def test_failed_load_reports_every_target_block_and_leaves_cache_untouched():
-    worker, caches, views, store = make_worker("LBHNC", "token_halves")
+    worker, caches, _views, _store = make_worker("LBHNC", "token_halves")
     before = {n: t.clone() for n, t in caches.items()}
     spec = LoadSpec("r", NS, "missing-donor", 0, 0, 48, (4, 8, 15), BS)
     impossible = LoadSpec("q", NS, None, 0, 0, 16, (2,), BS)
@@ -132,7 +132,7 @@ def test_failed_load_reports_every_target_block_and_leaves_cache_untouched():
 
 
 def test_short_donor_fails_instead_of_reading_past_it():
-    worker, caches, views, store = make_worker("LBNHC", "content")
+    worker, _caches, _views, store = make_worker("LBNHC", "content")
     store.put(NS, "donor", donor_kv(40), list(range(40)))
     spec = LoadSpec("r", NS, "donor", 0, 0, 48, (1, 2, 3), BS)
     worker.start_load(StepPlan(loads=(spec,)))
@@ -140,7 +140,7 @@ def test_short_donor_fails_instead_of_reading_past_it():
 
 
 def test_evictions_are_reported_after_captures():
-    worker, caches, views, _ = make_worker("LBHNC", "content")
+    worker, _caches, _views, _ = make_worker("LBHNC", "content")
     one = H.NUM_LAYERS * 2 * 32 * H.NUM_KV_HEADS * H.HEAD_SIZE * 4  # bytes of a 32-token donor
     worker.store = KvTensorStore(device_bytes=one, device="cpu")  # room for exactly one donor
     for i, blocks in enumerate(((1, 2), (3, 4))):

@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from semblend.integration.vllm._metadata import LoadSpec, SaveSpec, StepPlan  # noqa: E402
-from semblend.integration.vllm._worker import WorkerSide, split_kv  # noqa: E402
-from semblend_core.rope_correction import RopeSpec, rerotate_keys  # noqa: E402
+from semblend.integration.vllm._metadata import LoadSpec, SaveSpec, StepPlan
+from semblend.integration.vllm._worker import WorkerSide, split_kv
+from semblend_core.rope_correction import RopeSpec, rerotate_keys
 
 pytestmark = pytest.mark.gpu
 
@@ -70,7 +70,7 @@ def test_gpu_load_and_capture_roundtrip(order, dtype):
         bk, bv = split_kv(before[name], D, "content")
         mask = torch.ones(NB * BS, dtype=torch.bool)
         mask[slots] = False
-        rows = lambda x: x.permute(0, 2, 1, 3).reshape(NB * BS, H, D)  # noqa: E731
+        rows = lambda x: x.permute(0, 2, 1, 3).reshape(NB * BS, H, D)
         assert torch.equal(rows(k)[mask.cuda()], rows(bk)[mask.cuda()])
         assert torch.equal(rows(v)[mask.cuda()], rows(bv)[mask.cuda()])
     # Capture what is now in the blocks and compare with the cache bit for bit.

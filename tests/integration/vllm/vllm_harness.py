@@ -48,7 +48,14 @@ def make_vllm_config(model_dir: str, *, mode: str | None = "discovery_only", ext
                      block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 16,
                      enable_prefix_caching: bool = True, connector: bool = True,
                      kv_load_failure_policy: str = "recompute") -> Any:
-    from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.config import (
+        CacheConfig,
+        DeviceConfig,
+        KVTransferConfig,
+        ModelConfig,
+        SchedulerConfig,
+        VllmConfig,
+    )
 
     model_config = ModelConfig(model=model_dir, dtype="float32", seed=0, skip_tokenizer_init=True,
                                max_model_len=8192)
