@@ -54,16 +54,26 @@ class Alignment:
 
 @dataclass(frozen=True)
 class DonorHashes:
-    """Per-donor precomputation reused across alignments: k-gram hashes sorted, with their positions."""
+    """Per-donor precomputation reused across alignments: the donor's winnowed anchors, sorted by hash.
+
+    Both sides are winnowed with the same (k, w), so a region the donor shares with a prompt yields the same
+    anchors in both: matching two anchor sets (~2/(w+1) of positions each) finds every shared run of at least
+    ``w + k - 1`` tokens at a fraction of the cost of looking prompt anchors up among all donor k-grams.
+    """
 
     sorted_hashes: np.ndarray
     sorted_positions: np.ndarray
 
     @classmethod
-    def build(cls, donor: np.ndarray, k: int) -> DonorHashes:
+    def from_anchors(cls, hashes: np.ndarray, positions: np.ndarray) -> DonorHashes:
+        order = np.argsort(hashes, kind="stable")
+        return cls(hashes[order], positions[order].astype(np.int64))
+
+    @classmethod
+    def build(cls, donor: np.ndarray, k: int, w: int) -> DonorHashes:
         h = kgram_hashes(donor, k)
-        order = np.argsort(h, kind="stable")
-        return cls(h[order], order.astype(np.int64))
+        pos = winnow(h, w)
+        return cls.from_anchors(h[pos], pos)
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,14 +90,24 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class TargetAnchors:
     """The prompt's winnowed anchors (hash, position), computed once per plan and shared by all candidates."""
 
-    hashes: np.ndarray
+    hashes: np.ndarray  # sorted by hash: sorted queries make searchsorted cache-friendly
     positions: np.ndarray
 
     @classmethod
     def build(cls, target: np.ndarray, k: int, w: int) -> TargetAnchors:
         h = kgram_hashes(target, k)
         pos = winnow(h, w)
-        return cls(h[pos], pos)
+        ah = h[pos]
+        order = np.argsort(ah, kind="stable")
+        return cls(ah[order], pos[order])
+
+    def unique_hashes(self) -> np.ndarray:
+        if self.hashes.size == 0:
+            return self.hashes
+        keep = np.empty(self.hashes.shape[0], dtype=bool)
+        keep[0] = True
+        np.not_equal(self.hashes[1:], self.hashes[:-1], out=keep[1:])
+        return self.hashes[keep]
 
 
 def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) -> np.ndarray:
@@ -97,9 +117,12 @@ def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) ->
         return np.zeros(0, dtype=np.int64)
     sh = donor_hashes.sorted_hashes
     lo = np.searchsorted(sh, q, side="left")
-    hi = np.searchsorted(sh, q, side="right")
-    counts = hi - lo
-    keep = (counts > 0) & (counts <= _MAX_SEEDS_PER_ANCHOR)  # very repetitive k-grams carry no alignment signal
+    found = sh[np.minimum(lo, sh.shape[0] - 1)] == q
+    if not found.any():
+        return np.zeros(0, dtype=np.int64)
+    q, lo, tpos = q[found], lo[found], tpos[found]
+    counts = np.searchsorted(sh, q, side="right") - lo
+    keep = counts <= _MAX_SEEDS_PER_ANCHOR  # very repetitive k-grams carry no alignment signal
     if not keep.any():
         return np.zeros(0, dtype=np.int64)
     lo, counts, tpos = lo[keep], counts[keep], tpos[keep]
@@ -191,7 +214,7 @@ def align(donor: np.ndarray, target: np.ndarray, params: AlignParams,
     if donor.size == 0 or target.size == 0:
         return Alignment((), ())
     if donor_hashes is None:
-        donor_hashes = DonorHashes.build(donor, params.shingle_tokens)
+        donor_hashes = DonorHashes.build(donor, params.shingle_tokens, params.winnow_window)
     if target_anchors is None:
         target_anchors = TargetAnchors.build(target, params.shingle_tokens, params.winnow_window)
     diagonals = _seed_diagonals(donor_hashes, target_anchors)

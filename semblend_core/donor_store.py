@@ -198,9 +198,9 @@ class DonorStore:
         different tokens under the same id raise ``DuplicateDonorError``. Evicts the least recently used unpinned
         donor when full; raises ``StoreFullError`` if every donor is pinned."""
         key = (namespace_key, donor_id)
-        h, _ = anchors(tokens, self.k, self.w)
+        h, pos = anchors(tokens, self.k, self.w)  # computed outside the lock: the expensive part
         sketch = bottom_k(h, self.sketch_size)
-        hashes = DonorHashes.build(tokens, self.k)  # computed outside the lock: the expensive part
+        hashes = DonorHashes.from_anchors(h, pos)
         frozen = np.array(tokens, dtype=np.int64, copy=True)
         frozen.setflags(write=False)
         with self._lock:

@@ -32,7 +32,6 @@ from semblend_core.bathtub import ModelShape, layer_recompute_policy
 from semblend_core.config import SemBlendConfig
 from semblend_core.donor_store import DonorRecord, DonorStore
 from semblend_core.errors import InvalidTokensError
-from semblend_core.fingerprint import sorted_unique
 from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Outcome, PlanTimings, Reason, SemanticKvPlan, Span
 from semblend_core.telemetry import Telemetry
@@ -210,7 +209,7 @@ class SemBlendPipeline:
         # --- discovery by token anchors (no embedding on the common path)
         t0 = time.perf_counter()
         target_anchors = TargetAnchors.build(tokens, cfg.shingle_tokens, cfg.winnow_window)
-        query = sorted_unique(target_anchors.hashes)
+        query = target_anchors.unique_hashes()
         cands = self.store.candidates(query, ns.key, cfg.max_candidates)
         t1 = time.perf_counter()
         best: tuple[DonorRecord, Alignment] | None = None
