@@ -1,0 +1,121 @@
+"""The scheduler side's bookkeeping without an engine: multi-worker confirmation, retirement, idempotence.
+
+vLLM's real scheduler drives this class in test_vllm_scheduler.py; here requests are plain objects with the
+attributes the scheduler side reads (a stand-in, so the TP>1 paths run without several workers).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from semblend.integration.vllm._config import VllmAdapterConfig
+from semblend.integration.vllm._metadata import KvSignature, SavedDonor, WorkerReport
+from semblend.integration.vllm._scheduler import DeclineReason, SchedulerSide
+from semblend_core import CacheNamespace, SemBlendConfig, SemBlendPipeline
+
+BS = 16
+SIG = KvSignature("bfloat16", 4, 128)
+NS = CacheNamespace(model="m", block_size=BS)
+
+
+def toks(seed, n):
+    return [int(x) for x in np.random.default_rng(seed).integers(10, 50_000, n)]
+
+
+A, D, Q = toks(1, 64), toks(2, 192), toks(3, 64)
+
+
+def request(req_id, tokens):
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=list(tokens), num_prompt_tokens=len(tokens),
+                           lora_request=None, cache_salt=None, block_hashes=[b"h%d" % i for i in range(99)],
+                           num_computed_tokens=0)
+
+
+def side(num_workers=1, rope_exact=True, mode="prefix"):
+    pipe = SemBlendPipeline(SemBlendConfig(discovery_only=(mode == "discovery_only")))
+    s = SchedulerSide(pipe, VllmAdapterConfig(mode=mode, min_donor_tokens=32), NS, block_size=BS,
+                      rope_exact=rope_exact, kv_signature=SIG, num_workers=num_workers)
+    return s
+
+
+def capture(s, req_id, tokens, votes, signature=SIG):
+    """Run a donor through admission and capture, then ``votes`` workers confirm it."""
+    req = request(req_id, tokens)
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, list(range(100, 100 + len(tokens) // BS)), 0)
+    out = SimpleNamespace(preempted_req_ids=set(), num_scheduled_tokens={req_id: len(tokens)},
+                          scheduled_new_reqs=[SimpleNamespace(req_id=req_id, block_ids=(list(range(100, 116)),),
+                                                              num_computed_tokens=0)],
+                          scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[],
+                                                                resumed_req_ids=set()))
+    plan = s.build_connector_meta(out)
+    (save,) = plan.saves
+    for _ in range(votes):
+        s.update_connector_output(WorkerReport(saved=(SavedDonor(NS.key, save.donor_id, len(tokens), signature, 0),)))
+    s.request_finished(req)
+
+
+def test_donor_is_plannable_only_after_every_worker_confirmed_its_capture():
+    s = side(num_workers=2)
+    capture(s, "donor", A + D, votes=1)
+    assert s.resident_donors() == 0 and len(s.pipeline.store) == 0
+    assert s.get_num_new_matched_tokens(request("t1", D + Q), 0) == (0, False)
+    s.update_connector_output(WorkerReport(saved=(SavedDonor(NS.key, "donor", 256, SIG, 0),)))
+    assert s.resident_donors() == 1 and len(s.pipeline.store) == 1
+    assert s.get_num_new_matched_tokens(request("t2", D + Q), 0) == (192, False)
+
+
+def test_one_failed_worker_fails_the_load_and_nothing_is_materialized():
+    s = side(num_workers=2)
+    capture(s, "donor", A + D, votes=2)
+    req = request("t", D + Q)
+    assert s.get_num_new_matched_tokens(req, 0) == (192, False)
+    s.update_state_after_alloc(req, list(range(20)), 192)
+    plan = s.build_connector_meta(SimpleNamespace(preempted_req_ids=set(), num_scheduled_tokens={},
+                                                  scheduled_new_reqs=[], scheduled_cached_reqs=None))
+    assert [ld.req_id for ld in plan.loads] == ["t"]
+    s.update_connector_output(WorkerReport(loaded=(("t", 192),), load_failed=("t",)))  # one ok, one failed
+    stats = s.pipeline.stats()
+    assert stats["outcomes"]["materialized"] == 0 and stats["reasons"].get(DeclineReason.LOAD_FAILED) == 1
+    s.request_finished(req)
+    assert s.num_tracked_requests() == 0
+
+
+def test_mismatched_signature_and_inexact_rope_decline_before_credit():
+    s = side(rope_exact=True)
+    capture(s, "donor", A + D, votes=1, signature=KvSignature("float16", 4, 128))
+    assert s.get_num_new_matched_tokens(request("t", D + Q), 0) == (0, False)
+    assert s.pipeline.stats()["reasons"].get(DeclineReason.KV_LAYOUT_MISMATCH) == 1
+
+    s = side(rope_exact=False)
+    capture(s, "donor", A + D, votes=1)
+    assert s.get_num_new_matched_tokens(request("t", D + Q), 0) == (0, False)  # needs a shift of -64
+    assert s.pipeline.stats()["reasons"].get("rope_not_shift_invariant") == 1
+
+
+def test_eviction_report_retires_the_donor_and_repeated_calls_are_idempotent():
+    s = side()
+    capture(s, "donor", A + D, votes=1)
+    req = request("t", D + Q)
+    assert s.get_num_new_matched_tokens(req, 0) == (192, False)
+    assert s.get_num_new_matched_tokens(req, 0) == (192, False)  # same answer, one plan, one outcome
+    s.update_connector_output(WorkerReport(evicted=((NS.key, "donor"),)))
+    assert len(s.pipeline.store) == 0
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)    # the waiting request re-checks residency
+    s.request_finished(req)
+    stats = s.pipeline.stats()
+    assert stats["reasons"].get(DeclineReason.DONOR_KV_EVICTED) == 1 and s.num_tracked_requests() == 0
+
+
+def test_discovery_registers_only_fully_computed_prompts():
+    s = side(mode="discovery_only")
+    done, cut = request("done", A + D), request("cut", toks(9, 200))
+    for r in (done, cut):
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+    done.num_computed_tokens = 256
+    cut.num_computed_tokens = 50  # aborted mid-prefill
+    s.request_finished(done)
+    s.request_finished(cut)
+    assert len(s.pipeline.store) == 1 and s.num_tracked_requests() == 0
