@@ -60,7 +60,8 @@ _ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
 # Three phrasings of one task: same paper, same intent, different words and lengths (different RoPE shifts).
 INSTRUCTION_PHRASINGS = (
     "Summarize the following paper: state the challenge it addresses, its approach, and its outcome.",
-    "Read the research paper below and write a short summary of the problem, the method and the results.",
+    "Read the research paper below, then write a short summary of the problem it tackles, the method it proposes "
+    "and the results it reports.",
     "Give a brief summary of this article.",
 )
 

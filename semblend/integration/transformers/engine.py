@@ -26,6 +26,7 @@ generate, always cold, with outcome ``declined`` and the reason. Works on CPU an
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -231,11 +232,12 @@ class SemBlendEngine:
             return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         return [int(t) for t in prompt]
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, do_sample: bool = False,
-                 **generate_kwargs: Any) -> GenerationResult:
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, do_sample: bool = False, *,
+                 force_cold: bool = False, **generate_kwargs: Any) -> GenerationResult:
         """Prefill (reusing donor KV when the plan allows), then decode with the model's own ``generate``.
 
-        ``generate_kwargs`` go to ``model.generate`` for the tokens after the first (sampling settings...).
+        ``force_cold`` runs a plain prefill that neither plans nor donates (the baseline). ``generate_kwargs`` go
+        to ``model.generate`` for the tokens after the first (sampling settings...).
         """
         torch = self._torch
         if max_new_tokens < 1:
@@ -243,7 +245,7 @@ class SemBlendEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt)
         start = time.perf_counter()
-        pre = self.prefill(ids, text=text, register=False)
+        pre = self.prefill(ids, text=text, register=False, force_cold=force_cold)
         logits = pre.logits
         if do_sample:
             probs = torch.softmax(logits.float(), dim=-1)
@@ -253,16 +255,7 @@ class SemBlendEngine:
         ttft = time.perf_counter() - start
         generated = [first]
         t_dec = time.perf_counter()
-        eos = self._eos_ids()
-        if max_new_tokens > 1 and first not in eos:
-            full = torch.tensor([list(ids) + [first]], device=self.device)
-            with torch.no_grad():
-                out = self.model.generate(
-                    input_ids=full, attention_mask=torch.ones_like(full), past_key_values=pre.cache,
-                    max_new_tokens=max_new_tokens - 1, do_sample=do_sample,
-                    pad_token_id=self._pad_id(), **generate_kwargs,
-                )
-            generated += [int(t) for t in out[0, full.shape[1]:].tolist()]
+        generated += self.decode(pre, first, max_new_tokens - 1, do_sample=do_sample, **generate_kwargs)
         _sync(self.device)
         decode_s = time.perf_counter() - t_dec
         self._donate(pre)
@@ -280,15 +273,15 @@ class SemBlendEngine:
         """Plan and prefill one prompt; returns its cache and next-token logits.
 
         ``register`` makes the prompt a donor right away (``generate`` registers after decoding). ``force_cold``
-        skips planning (the cold baseline of benchmarks). Never raises for a planning or reuse failure: that
-        request runs cold and the result carries the reason.
+        skips planning and never donates (the cold baseline of benchmarks). Never raises for a planning or reuse
+        failure: that request runs cold and the result carries the reason.
         """
         ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("empty prompt")
         if text is None and isinstance(prompt, str):
             text = prompt
-        request_id = f"req-{next(self._ids)}"
+        request_id = "cold" if force_cold else f"req-{next(self._ids)}"
         start = time.perf_counter()
         if force_cold:
             result = self._cold(ids, start, None, Outcome.COLD, "forced_cold", request_id)
@@ -308,6 +301,27 @@ class SemBlendEngine:
         if register:
             self._donate(result)
         return result
+
+    def decode(self, prefill: PrefillResult, first_token: int, max_new_tokens: int, do_sample: bool = False,
+               **generate_kwargs: Any) -> list[int]:
+        """Tokens after ``first_token`` from ``prefill``'s cache with the model's own ``generate`` (extends the
+        cache in place). Stops at EOS; returns at most ``max_new_tokens`` ids."""
+        torch = self._torch
+        if max_new_tokens <= 0 or int(first_token) in self._eos_ids():
+            return []
+        full = torch.tensor([list(prefill.prompt_ids) + [int(first_token)]], device=self.device)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=full, attention_mask=torch.ones_like(full), past_key_values=prefill.cache,
+                max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self._pad_id(), **generate_kwargs,
+            )
+        return [int(t) for t in out[0, full.shape[1]:].tolist()]
+
+    def fork(self, prefill: PrefillResult) -> PrefillResult:
+        """A copy of ``prefill`` with its own cache holding only the prompt's KV (decode one, teacher-force the
+        other)."""
+        k, v = self.donor_kv(prefill)
+        return dataclasses.replace(prefill, cache=build_dynamic_cache(self.model, k, v))
 
     def prefill_with_plan(self, prompt_ids: Sequence[int], plan: SemanticKvPlan, donor_k: Any, donor_v: Any
                           ) -> PrefillResult:
