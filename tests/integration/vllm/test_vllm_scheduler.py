@@ -298,3 +298,30 @@ def test_outcomes_reach_vllms_stats_logging_and_prometheus(model_dir):
     assert 'vllm:semblend_outcomes_total{engine="0",model_name="tiny",outcome="materialized",reason="hit"} 1.0' \
         in text
     assert 'vllm:semblend_loaded_tokens_total{engine="0",model_name="tiny"} 192.0' in text
+
+
+# ------------------------------------------------------------------------------------------------ namespaces
+def test_donors_never_cross_cache_salts(model_dir):
+    eng = prefix_engine(model_dir)
+    eng.add(H.make_request(A + D, req_id="donor", cache_salt="tenant-a"))
+    eng.run_until_done()
+    other = H.make_request(D + Q, req_id="other-tenant", cache_salt="tenant-b")
+    same = H.make_request(D + Q, req_id="same-tenant", cache_salt="tenant-a")
+    assert eng.connector.get_num_new_matched_tokens(other, 0) == (0, False)
+    assert eng.connector.get_num_new_matched_tokens(same, 0) == (192, False)
+    for r in (other, same):
+        eng.connector.request_finished(r, [])
+    assert_no_leaks(eng)
+
+
+def test_prefix_mode_with_prefix_caching_off(model_dir):
+    eng = with_donor(prefix_engine(model_dir, enable_prefix_caching=False))
+    eng.add(H.make_request(D + Q, req_id="target"))
+    r = eng.step()
+    assert r.output.scheduled_new_reqs[0].num_computed_tokens == 192 and len(r.loads) == 1
+    blocks = r.output.scheduled_new_reqs[0].block_ids[0]
+    k, _ = eng.model.read(0, range(192), blocks)
+    torch.testing.assert_close(k, eng.model.expected(0, D, range(192))[0], rtol=1e-5, atol=1e-5)
+    eng.run_until_done()
+    assert eng.connector.semblend_stats()["outcomes"]["materialized"] == 1
+    assert_no_leaks(eng)
