@@ -179,8 +179,11 @@ class SchedulerSide:
         self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded_tokens, reason=reason)
         self.stats.outcome(outcome, reason or plan.reason, loaded_tokens)
 
-    _MISS_OUTCOMES: ClassVar[dict[str, str]] = {Reason.NO_CANDIDATE: Outcome.COLD, Reason.DISABLED: Outcome.COLD,
-                      Reason.EXACT_PREFIX_SUFFICIENT: Outcome.EXACT, Reason.NO_GAIN_OVER_EXACT_PREFIX: Outcome.EXACT}
+    # How the pipeline classifies a miss (it records these itself; the connector mirrors them in its stats).
+    _MISS_OUTCOMES: ClassVar[dict[str, str]] = {
+        Reason.NO_CANDIDATE: Outcome.COLD, Reason.DISABLED: Outcome.COLD,
+        Reason.EXACT_PREFIX_SUFFICIENT: Outcome.EXACT, Reason.NO_GAIN_OVER_EXACT_PREFIX: Outcome.EXACT,
+    }
 
     def _count_plan_outcome(self, st: _RequestState, plan: SemanticKvPlan) -> None:
         """Outcomes the pipeline records itself (misses; discovery-only hits): count them for metrics once."""
