@@ -228,3 +228,14 @@ def test_register_and_plan_from_8_threads():
         th.join()
     assert not failures
     assert p.stats()["planned_hits"] == 200 and p.stats()["store"]["donors"] == 200
+
+
+def test_remove_donor_and_list_input_validation():
+    p = pipe(min_prompt_tokens=8)
+    d = doc(1)
+    p.register_donor("d", d.tolist())
+    assert p.plan(np.concatenate([instr(1), d]).tolist()).donor_id == "d"
+    assert p.remove_donor("d") and not p.remove_donor("d")
+    assert p.plan(np.concatenate([instr(1), d]).tolist()).reason == Reason.NO_CANDIDATE
+    assert p.plan([1, 2, 3.0] * 20).reason == Reason.INVALID_TOKENS
+    assert p.plan((True, 2) * 20).reason != Reason.INTERNAL_ERROR
