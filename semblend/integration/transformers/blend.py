@@ -143,6 +143,11 @@ def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: in
 
     device = donor_k.device if device is None else torch.device(device)
     num_layers, _, kv_heads, head_dim = donor_k.shape
+    if donor_k.device != device:
+        # One contiguous host->device copy per tensor (full pinned-memory bandwidth); slicing tokens first would
+        # make strided views that torch stages through pageable memory.
+        donor_k = donor_k.to(device, non_blocking=True)
+        donor_v = donor_v.to(device, non_blocking=True)
     k = torch.zeros((num_layers, prefix_len, kv_heads, head_dim), dtype=donor_k.dtype, device=device)
     v = torch.zeros_like(k)
     for span in plan.spans:
@@ -150,8 +155,8 @@ def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: in
         if t1 <= t0:
             continue
         d0, d1 = span.donor_start, span.donor_start + (t1 - t0)
-        src_k = donor_k[:, d0:d1].to(device, non_blocking=True)
-        v[:, t0:t1] = donor_v[:, d0:d1].to(device, non_blocking=True)
+        src_k = donor_k[:, d0:d1]
+        v[:, t0:t1] = donor_v[:, d0:d1]
         if span.delta != 0 and rope_correction:
             # [L, T, H, D] -> [T, L*H, D]: one call moves every layer's keys of this span.
             flat = src_k.permute(1, 0, 2, 3).reshape(t1 - t0, num_layers * kv_heads, head_dim)
@@ -281,9 +286,13 @@ def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticK
             pos_t = torch.as_tensor(next_active, device=device, dtype=torch.long)
             full_prefix = False
         if full_prefix:
+            # Every prefix token is a query: plain causal SDPA (flash attention on CUDA). K/V are expanded to the
+            # query heads explicitly because not every SDPA backend takes grouped KV.
+            group = q.shape[1] // k.shape[2]
+            kx = k[layer_idx].repeat_interleave(group, dim=1) if group > 1 else k[layer_idx]
+            vx = v[layer_idx].repeat_interleave(group, dim=1) if group > 1 else v[layer_idx]
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, k[layer_idx].transpose(0, 1)[None], v[layer_idx].transpose(0, 1)[None],
-                is_causal=True, scale=attn.scaling, enable_gqa=True,
+                q, kx.transpose(0, 1)[None], vx.transpose(0, 1)[None], is_causal=True, scale=attn.scaling,
             )[0].transpose(0, 1)
         else:
             out = partial_attention(q[0].transpose(0, 1).contiguous(), k[layer_idx], v[layer_idx], pos_t,
