@@ -249,9 +249,9 @@ def table(result: dict[str, Any]) -> None:
             t.add_row(name, wl, f"{e['hits']}/{e['n']}", f"{e['recomputed_fraction']:.1%}",
                       f"{e['top1_agreement']:.3f}", f"{e['rouge_l']:.3f}", f"{e['ppl_ratio']:.4f}",
                       f"{e['first_token_kl']:.4f}", f"{e['first_token_match']:.2f}", f"{e['speedup_median']:.2f}x")
-    Console().print(t)
+    Console(width=200).print(t)
     rec = result["recommended"]
-    Console().print(f"recommended operating point: {rec.get('variant')} ({rec.get('why')})")
+    Console(width=200).print(f"recommended operating point: {rec.get('variant')} ({rec.get('why')})")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         k, v = any_eng.donor_kv(first)
         for eng in engines.values():
             if eng is not any_eng:
-                eng.kv_store.put(first.request_id, k, v)
+                eng.kv_store.put(eng.namespace.key, first.request_id, torch.stack((k, v), dim=1), donor)
                 eng.pipeline.register_donor(first.request_id, donor, namespace=eng.namespace)
         del first, k, v
         any_eng.cold_prefill(target)  # warm-up at this length
@@ -195,7 +195,7 @@ def table(result: dict[str, Any]) -> None:
         cells += [f"{r[n]['ttft_s'] * 1e3:.1f} ms ({r[n]['speedup']:.1f}x)" for n in names]
         cells.append(f"{r['miss']['overhead_vs_cold']:+.2%}")
         t.add_row(*cells)
-    Console().print(t)
+    Console(width=200).print(t)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -42,7 +42,6 @@ from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Outcome, Reason, SemanticKvPlan
 
 from semblend.integration.transformers.blend import BlendStats, assemble_kv, model_support, recompute_layers
-from semblend.integration.transformers.donor_kv import DonorKvStore
 
 if TYPE_CHECKING:
     import torch
@@ -72,7 +71,8 @@ class EngineOptions:
     * ``suffix_tokens``: the last this-many prompt tokens always run fresh through the model's own forward, even
       when a span covers them (at least the last one). In chat prompts they are the assistant header, which
       steers the first answer token; refreshing a few costs almost nothing.
-    * ``kv_capacity_bytes`` / ``kv_tier``: donor KV store size, on the model's device or in pinned host memory.
+    * ``kv_capacity_bytes`` / ``kv_tier``: donor KV store (``semblend_core.kv_tensor_store``) size, on the model's
+      device or in (pinned) host memory; ``host`` donors are copied to the device by every hit.
     * ``namespace``: cache namespace of this engine (default: built from the model and tokenizer).
     """
 
@@ -212,7 +212,12 @@ class SemBlendEngine:
         self.pipeline = pipeline if pipeline is not None else SemBlendPipeline(
             self.config, model_shape=ModelShape(self.num_layers, str(getattr(text_config, "model_type", ""))))
         self.namespace = self.options.namespace or self._default_namespace(text_config)
-        self.kv_store = DonorKvStore(self.options.kv_capacity_bytes, tier=self.options.kv_tier, device=self.device)
+        from semblend_core.kv_tensor_store import KvTensorStore
+
+        cap = self.options.kv_capacity_bytes
+        on_device = self.options.kv_tier == "device"
+        self.kv_store = KvTensorStore(device_bytes=cap if on_device else 0, host_bytes=0 if on_device else cap,
+                                      device=self.device if on_device else None)
         self._ids = itertools.count()
         self._torch = torch
 
@@ -351,7 +356,7 @@ class SemBlendEngine:
 
     def stats(self) -> dict[str, Any]:
         out = self.pipeline.stats()
-        out["kv_store"] = self.kv_store.stats()
+        out["kv_store"] = self.kv_store.stats().to_dict()
         return out
 
     # ------------------------------------------------------------------ internals
@@ -378,13 +383,19 @@ class SemBlendEngine:
             return
         if pre.prompt_tokens < self.config.min_prompt_tokens:
             return
+        from semblend_core.errors import StoreFullError
+
         try:
             k, v = self.donor_kv(pre)
-            if not self.kv_store.put(pre.request_id, k, v):
-                return
+            self.kv_store.put(self.namespace.key, pre.request_id, self._torch.stack((k, v), dim=1),
+                              list(pre.prompt_ids))
+        except StoreFullError as exc:  # larger than the store, or everything else is leased: not a donor
+            logger.debug("donor %s not stored: %s", pre.request_id, exc)
+            return
+        try:
             self.pipeline.register_donor(pre.request_id, list(pre.prompt_ids), namespace=self.namespace)
         except Exception as exc:  # donating is best effort; the request itself already succeeded
-            self.kv_store.drop(pre.request_id)
+            self.kv_store.evict(self.namespace.key, pre.request_id)
             logger.warning("could not register %s as a donor (%s: %s)", pre.request_id, type(exc).__name__, exc)
 
     def _forward(self, ids: Sequence[int], cache: Any) -> Any:
@@ -416,12 +427,17 @@ class SemBlendEngine:
 
     def _materialize_or_cold(self, ids: list[int], plan: SemanticKvPlan, start: float, plan_s: float,
                              request_id: str) -> PrefillResult:
-        donor = self.kv_store.get(plan.donor_id) if plan.donor_id is not None else None
-        if donor is None:
+        from semblend_core.kv_tensor_store import DonorKvMissingError
+
+        try:
+            # The lease pins the donor's KV for the whole materialization: eviction cannot pull it away.
+            with self.kv_store.lease(self.namespace.key, str(plan.donor_id)) as donor:
+                donor.wait()
+                result = self._materialize(ids, plan, donor.kv[:, 0], donor.kv[:, 1], start, plan_s, request_id,
+                                           plan.donor_id)
+        except DonorKvMissingError:
             self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_DONOR_KV_EVICTED)
             return self._cold(ids, start, plan, Outcome.DECLINED, REASON_DONOR_KV_EVICTED, request_id, plan_s=plan_s)
-        try:
-            result = self._materialize(ids, plan, donor.k, donor.v, start, plan_s, request_id, plan.donor_id)
         except Exception as exc:  # rule 5: a failed reuse is a normal prefill, never a failed request
             reason = f"{Reason.INTERNAL_ERROR}:{type(exc).__name__}"
             logger.warning("SemBlend materialization failed (%s: %s); running a normal prefill",

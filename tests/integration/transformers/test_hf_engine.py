@@ -222,7 +222,8 @@ def test_evicted_donor_kv_declines(model):
     assert res.outcome == "cold" and res.reason == "no_candidate"  # nothing was registered without its KV
     eng2 = engine(model)
     eng2.prefill(donor)
-    eng2.kv_store.drop(next(iter(eng2.kv_store._items)))
+    ((ns_key, donor_id),) = eng2.kv_store.keys()
+    assert eng2.kv_store.evict(ns_key, donor_id)
     res2 = eng2.prefill(target, register=False)
     assert res2.outcome == "declined" and res2.reason == "donor_kv_evicted"
 
@@ -233,7 +234,7 @@ def test_materialized_prompts_do_not_donate_by_default(model):
     eng.prefill(donor)
     res = eng.prefill(target)
     assert res.outcome == "materialized"
-    assert len(eng.kv_store) == 1
+    assert len(eng.kv_store) == 1 and eng.stats()["kv_store"]["device_entries"] == 1
     eng_d = engine(model, donate_materialized=True)
     eng_d.prefill(donor)
     eng_d.prefill(target)
