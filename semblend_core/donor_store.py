@@ -56,86 +56,88 @@ class Candidate:
     score: float  # estimated shared k-grams: votes / sketch_size * donor k-grams
 
 
-class _AnchorIndex:
-    """Inverted index uint64 hash -> packed ``slot << 24 | generation``, as size-tiered sorted runs + a bit filter.
+class _Run:
+    """One sorted run: keys (uint64, ascending), packed values, and a bitmap over the keys' top bits.
 
-    * Runs are kept largest first; after each insert the two smallest merge while the smaller is at least a quarter
-      of the larger, so there are O(log N) runs and each entry is re-merged O(log N) times (registration stays
-      fast as the store grows). Merging uses a stable sort, which is linear on concatenated sorted runs.
-    * A bitmap over the top bits of every key (sized for <= 1/8 occupancy) lets a lookup drop almost every query
-      hash that is in no run before any binary search: a miss costs one gather.
+    The bitmap (~16 bits per key) answers "is this hash possibly in the run?" with one gather, so each binary
+    search only sees queries that very likely match: a miss costs a gather per run, a hit ~one search per match.
+    """
+
+    __slots__ = ("keys", "vals", "bits", "shift")
+
+    def __init__(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        self.keys, self.vals = keys, vals
+        log2 = 12
+        while (1 << log2) < keys.shape[0] * 16 and log2 < 31:
+            log2 += 1
+        self.shift = np.uint64(64 - log2)
+        self.bits = np.zeros(1 << (log2 - 6), dtype=np.uint64)
+        idx = keys >> self.shift
+        np.bitwise_or.at(self.bits, (idx >> np.uint64(6)).astype(np.int64), np.uint64(1) << (idx & np.uint64(63)))
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.shape[0])
+
+    def maybe_contains(self, query: np.ndarray) -> np.ndarray:
+        idx = query >> self.shift
+        words = self.bits[(idx >> np.uint64(6)).astype(np.int64)]
+        return ((words >> (idx & np.uint64(63))) & np.uint64(1)).astype(bool)
+
+
+def _merged(a: _Run, b: _Run, keep_a: np.ndarray | None = None) -> _Run:
+    keys = np.concatenate([a.keys, b.keys])
+    vals = np.concatenate([a.vals, b.vals])
+    order = np.argsort(keys, kind="stable")  # linear-time on two concatenated sorted runs (timsort)
+    return _Run(keys[order], vals[order])
+
+
+class _AnchorIndex:
+    """Inverted index uint64 hash -> packed ``slot << 24 | generation``, as size-tiered sorted runs.
+
+    Runs are kept largest first; after each insert the two smallest merge while the smaller is at least a quarter
+    of the larger, so there are O(log N) runs and each entry is re-merged O(log N) times (registration stays fast
+    as the store grows). Each run carries a bitmap filter (see ``_Run``).
     """
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.runs: list[_Run] = []
         self.stale = 0
         self.live = 0
-        self._bits_log2 = 16
-        self._bits = np.zeros(1 << (self._bits_log2 - 6), dtype=np.uint64)
 
-    # -- bit filter
-    def _set_bits(self, keys: np.ndarray) -> None:
-        idx = keys >> np.uint64(64 - self._bits_log2)
-        np.bitwise_or.at(self._bits, (idx >> np.uint64(6)).astype(np.int64), np.uint64(1) << (idx & np.uint64(63)))
-
-    def _rebuild_bits(self) -> None:
-        total = sum(r[0].shape[0] for r in self.runs)
-        log2 = 16
-        while (1 << log2) < total * 8 and log2 < 30:
-            log2 += 1
-        self._bits_log2 = log2
-        self._bits = np.zeros(1 << (log2 - 6), dtype=np.uint64)
-        for keys, _ in self.runs:
-            self._set_bits(keys)
-
-    def _maybe_present(self, query: np.ndarray) -> np.ndarray:
-        idx = query >> np.uint64(64 - self._bits_log2)
-        words = self._bits[(idx >> np.uint64(6)).astype(np.int64)]
-        return ((words >> (idx & np.uint64(63))) & np.uint64(1)).astype(bool)
-
-    # -- mutation
     def add(self, keys: np.ndarray, slot: int, generation: int) -> None:
         vals = np.full(keys.shape[0], (slot << _GEN_BITS) | (generation & _GEN_MASK), dtype=np.int64)
-        self.runs.append((keys, vals))  # keys come sorted from bottom_k
+        self.runs.append(_Run(keys, vals))  # keys come sorted from bottom_k
         self.live += keys.shape[0]
-        while len(self.runs) >= 2 and self.runs[-1][0].shape[0] * 4 >= self.runs[-2][0].shape[0]:
-            (k2, v2), (k1, v1) = self.runs.pop(), self.runs.pop()
-            keys_m, vals_m = np.concatenate([k1, k2]), np.concatenate([v1, v2])
-            order = np.argsort(keys_m, kind="stable")
-            self.runs.append((keys_m[order], vals_m[order]))
-        if self.live + self.stale > (1 << self._bits_log2) // 8:
-            self._rebuild_bits()
-        else:
-            self._set_bits(keys)
+        while len(self.runs) >= 2 and self.runs[-1].size * 4 >= self.runs[-2].size:
+            small, big = self.runs.pop(), self.runs.pop()
+            self.runs.append(_merged(big, small))
 
     def compact(self, slot_generation: np.ndarray) -> None:
         """Drop entries whose slot has been reused or freed (one run remains)."""
         if self.runs:
-            keys = np.concatenate([r[0] for r in self.runs])
-            vals = np.concatenate([r[1] for r in self.runs])
+            keys = np.concatenate([r.keys for r in self.runs])
+            vals = np.concatenate([r.vals for r in self.runs])
             ok = _valid(vals, slot_generation)
             keys, vals = keys[ok], vals[ok]
             order = np.argsort(keys, kind="stable")
-            self.runs = [(keys[order], vals[order])] if keys.shape[0] else []
+            self.runs = [_Run(keys[order], vals[order])] if keys.shape[0] else []
         self.stale = 0
-        self.live = sum(r[0].shape[0] for r in self.runs)
-        self._rebuild_bits()
+        self.live = sum(r.size for r in self.runs)
 
-    # -- query
     def lookup(self, query: np.ndarray, max_postings: int) -> np.ndarray:
         """Packed values of every entry whose key is in ``query`` (sorted unique), skipping over-common keys."""
-        if not self.runs or query.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        query = query[self._maybe_present(query)]
-        if query.size == 0:
-            return np.zeros(0, dtype=np.int64)
         out = []
-        for keys, vals in self.runs:
-            lo = np.searchsorted(keys, query, side="left")
-            found = keys[np.minimum(lo, keys.shape[0] - 1)] == query
+        for run in self.runs:
+            q = query[run.maybe_contains(query)]
+            if q.size == 0:
+                continue
+            keys = run.keys
+            lo = np.searchsorted(keys, q, side="left")
+            found = keys[np.minimum(lo, keys.shape[0] - 1)] == q
             if not found.any():
                 continue
-            q, lo = query[found], lo[found]
+            q, lo = q[found], lo[found]
             counts = np.searchsorted(keys, q, side="right") - lo
             keep = counts <= max_postings
             lo, counts = lo[keep], counts[keep]
@@ -143,7 +145,7 @@ class _AnchorIndex:
             if total == 0:
                 continue
             idx = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
-            out.append(vals[idx])
+            out.append(run.vals[idx])
         if not out:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate(out) if len(out) > 1 else out[0]
