@@ -84,7 +84,7 @@ def build_targets(tok: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             for start in range(args.papers):
                 chunks, i = [], start
                 # Concatenate whole papers until the prompt reaches the length (truncate the last one).
-                while len(tok(("\n\n".join(chunks)))["input_ids"]) < length - 120:
+                while len(tok("\n\n".join(chunks))["input_ids"]) < length - 120:
                     chunks.append(pool[i % len(pool)])
                     i += 1
                 text = "\n\n".join(chunks)
@@ -113,10 +113,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from semblend_core import SemBlendConfig
-    from semblend_core.bathtub import ModelShape
-    from semblend_core.pipeline import SemBlendPipeline
-
     from semblend import assets
     from semblend.integration.transformers import EngineOptions, SemBlendEngine
     from semblend.integration.transformers.metrics import (
@@ -126,6 +122,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         teacher_forced_logits,
         top1_agreement,
     )
+    from semblend_core import SemBlendConfig
+    from semblend_core.bathtub import ModelShape
+    from semblend_core.pipeline import SemBlendPipeline
 
     device = args.device
     model, tok = assets.load_smollm2(device=device, gguf_path=args.gguf)

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 logger = logging.getLogger("benchmarks.ttft")
 
@@ -104,10 +104,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
+    from semblend.integration.transformers import EngineOptions, SemBlendEngine
     from semblend_core import SemBlendConfig
     from semblend_core.pipeline import SemBlendPipeline  # noqa: F401  (import cost stays out of the timings)
-
-    from semblend.integration.transformers import EngineOptions, SemBlendEngine
 
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -44,9 +44,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ACLSUM_ASPECTS", "AclsumPaper", "INSTRUCTION_PHRASINGS", "SMOLLM2_GGUF_NAME", "chat_prompt_ids",
-    "load_aclsum", "load_smollm2", "multi_passage_prompt", "paper_prompt", "smollm2_cache_dir",
-    "smollm2_gguf_path", "tiny_llama_config",
+    "ACLSUM_ASPECTS",
+    "INSTRUCTION_PHRASINGS",
+    "SMOLLM2_GGUF_NAME",
+    "AclsumPaper",
+    "chat_prompt_ids",
+    "load_aclsum",
+    "load_smollm2",
+    "multi_passage_prompt",
+    "paper_prompt",
+    "smollm2_cache_dir",
+    "smollm2_gguf_path",
+    "tiny_llama_config",
 ]
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,7 +10,7 @@ from semblend_core._compat import require
 require("torch", extra="transformers")
 require("transformers", extra="transformers")
 
-from semblend.integration.transformers.engine import (  # noqa: E402
+from semblend.integration.transformers.engine import (
     EngineOptions,
     GenerationResult,
     PrefillResult,

@@ -36,14 +36,11 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from semblend_core.plan import SemanticKvPlan
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 

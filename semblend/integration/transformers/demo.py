@@ -69,11 +69,10 @@ def run_demo(n_papers: int = 3, device: str = "cpu", as_json: bool = False, *, a
     """
     import torch
 
-    from semblend_core import SemBlendConfig
-
     from semblend import assets
     from semblend.integration.transformers.engine import SemBlendEngine
     from semblend.integration.transformers.metrics import teacher_forced_logits, top1_agreement
+    from semblend_core import SemBlendConfig
 
     if n_papers < 1:
         raise ValueError(f"n_papers must be >= 1, got {n_papers}")

@@ -33,18 +33,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
+from semblend.integration.transformers.blend import BlendStats, assemble_kv, model_support, recompute_layers
 from semblend_core.config import SemBlendConfig
 from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Outcome, Reason, SemanticKvPlan
-
-from semblend.integration.transformers.blend import BlendStats, assemble_kv, model_support, recompute_layers
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +49,7 @@ _MISS_OUTCOMES = {
     Reason.EXACT_PREFIX_SUFFICIENT: Outcome.EXACT, Reason.NO_GAIN_OVER_EXACT_PREFIX: Outcome.EXACT,
 }
 REASON_DONOR_KV_EVICTED = "donor_kv_evicted"
+REASON_NOTHING_BEFORE_SUFFIX = "nothing_before_suffix"
 
 
 @dataclass(frozen=True)
@@ -429,6 +424,11 @@ class SemBlendEngine:
                              request_id: str) -> PrefillResult:
         from semblend_core.kv_tensor_store import DonorKvMissingError
 
+        if not plan.spans or min(max(sp.target_end for sp in plan.spans), len(ids) - self.options.suffix_tokens) <= 0:
+            # Everything reusable lies inside the always-fresh suffix: a prefill is all there is to do.
+            self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_NOTHING_BEFORE_SUFFIX)
+            return self._cold(ids, start, plan, Outcome.DECLINED, REASON_NOTHING_BEFORE_SUFFIX, request_id,
+                              plan_s=plan_s)
         try:
             # The lease pins the donor's KV for the whole materialization: eviction cannot pull it away.
             with self.kv_store.lease(self.namespace.key, str(plan.donor_id)) as donor:

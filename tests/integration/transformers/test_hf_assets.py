@@ -63,7 +63,7 @@ def test_prompt_layouts_move_the_paper():
     first_a = assets.paper_prompt(tok, paper, short)
     first_b = assets.paper_prompt(tok, paper, long_)
     body = [ord(c) for c in paper]
-    idx = lambda seq: next(i for i in range(len(seq)) if seq[i:i + len(body)] == body)  # noqa: E731
+    idx = lambda seq: next(i for i in range(len(seq)) if seq[i:i + len(body)] == body)
     assert idx(first_b) - idx(first_a) == len(long_) - len(short)  # instruction first: the paper shifts
     last_a = assets.paper_prompt(tok, paper, short, layout="instruction_last")
     last_b = assets.paper_prompt(tok, paper, long_, layout="instruction_last")

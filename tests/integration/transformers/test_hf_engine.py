@@ -13,12 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from semblend_core import CacheNamespace, SemanticKvPlan, SemBlendConfig, Span  # noqa: E402
-from semblend_core.bathtub import ModelShape, layer_recompute_policy  # noqa: E402
-
-from semblend.assets import tiny_llama_config  # noqa: E402
-from semblend.integration.transformers import EngineOptions, GenerationResult, SemBlendEngine  # noqa: E402
-from semblend.integration.transformers.blend import assemble_kv, model_support  # noqa: E402
+from semblend.assets import tiny_llama_config
+from semblend.integration.transformers import EngineOptions, GenerationResult, SemBlendEngine
+from semblend.integration.transformers.blend import assemble_kv, model_support
+from semblend_core import CacheNamespace, SemanticKvPlan, SemBlendConfig, Span
+from semblend_core.bathtub import ModelShape, layer_recompute_policy
 
 VOCAB = 256
 
@@ -271,3 +270,11 @@ def test_mla_config_is_declined(model):
     finally:
         del m.config.kv_lora_rank
     assert not ok and reason == "mla_latent_kv"
+
+
+def test_reuse_inside_the_fresh_suffix_is_declined(model):
+    donor, target, _ = shifted_case(model)
+    eng = engine(model, suffix_tokens=len(target))
+    eng.prefill(donor)
+    res = eng.prefill(target, register=False)
+    assert res.outcome == "declined" and res.reason == "nothing_before_suffix"

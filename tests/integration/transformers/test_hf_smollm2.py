@@ -12,11 +12,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 pytest.importorskip("aclsum")
 
-from semblend_core import SemBlendConfig  # noqa: E402
-from semblend_core.errors import MissingDependencyError  # noqa: E402
-
-from semblend import assets  # noqa: E402
-from semblend.integration.transformers import EngineOptions, SemBlendEngine  # noqa: E402
+from semblend import assets
+from semblend.integration.transformers import EngineOptions, SemBlendEngine
+from semblend_core import SemBlendConfig
+from semblend_core.errors import MissingDependencyError
 
 pytestmark = pytest.mark.slow
 
