@@ -5,19 +5,19 @@ Lifecycle for one hit (:class:`~semblend.integration.transformers.engine.SemBlen
 1. :func:`model_support` once per model: the decoder must be Llama-shaped (``input_layernorm``, ``self_attn`` with
    ``q/k/v/o_proj`` and optional ``q_norm``/``k_norm``, ``post_attention_layernorm``, ``mlp``), with full attention
    in every layer and RoPE whose re-rotation is exact. Anything else returns a decline reason.
-2. :func:`assemble_kv`: per layer, the target's KV ``[prefix_len, num_kv_heads, head_dim]`` built from donor KV:
-   every span's keys re-rotated by its ``delta`` (``semblend_core.rope_correction.rerotate_keys``), values copied;
-   uncovered rows stay zero until recomputed.
-3. :func:`recompute_layers`: the custom layer loop. Each layer computes fresh Q/K/V only for its *active* positions
+2. :func:`assemble_kv`: per layer, the target's KV ``[n, num_kv_heads, head_dim]`` (stored in the cache's own
+   layout) built from donor KV: every span's keys re-rotated by its ``delta``
+   (``semblend_core.rope_correction.rerotate_keys``), values copied; other rows stay zero until computed.
+3. :func:`blend_prefill`: the custom layer loop. Each layer computes fresh Q/K/V only for its *active* positions
    (RoPE at their absolute positions with the model's own rotary code), writes the fresh K/V into the assembled
    cache, runs partial attention of those queries over the whole cache (``semblend_core.partial_attention``),
-   then ``o_proj``, residual, ``post_attention_layernorm``, MLP, residual.
+   then ``o_proj``, residual, ``post_attention_layernorm``, MLP, residual; after the last layer the final norm
+   and LM head on the last token give the logits. (:func:`recompute_layers` is the same loop over a prefix only.)
 
 Which positions are active (CacheBlend-style, with EPIC's seam heads):
 
 * mandatory at every layer: ``plan.recompute_ranges`` inside the prefix (uncovered tokens, seam heads, fuzzy
-  regions). The suffix after the last reused token is not part of this loop: the engine runs it through the
-  model's own forward on the assembled cache.
+  regions) and the whole suffix after the last reused token, which is computed exactly as a cold prefill would.
 * when the budget allows extra tokens, every layer up to ``check_layer`` runs on *all* prefix tokens; at
   ``check_layer`` the fresh K/V of the reused tokens are compared with the reused K/V
   (``semblend_core.recompute.deviation_scores``) and the most deviating ones stay active.
@@ -44,7 +44,7 @@ from semblend_core.plan import SemanticKvPlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlendStats", "assemble_kv", "model_support", "recompute_layers"]
+__all__ = ["BlendStats", "assemble_kv", "blend_prefill", "model_support", "recompute_layers"]
 
 # Decoder families whose layers follow the Llama layout this loop reimplements (checked structurally as well).
 _MLA_MARKERS = ("kv_lora_rank", "q_lora_rank")
@@ -122,17 +122,23 @@ class BlendStats:
 
 
 def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: int, spec: Any, *,
-                rope_correction: bool = True, device: Any = None) -> tuple[Any, Any]:
-    """Target KV for positions ``[0, prefix_len)`` from the donor's KV.
+                rope_correction: bool = True, device: Any = None, total_len: int | None = None
+                ) -> tuple[Any, Any]:
+    """Target KV for positions ``[0, total_len)`` with rows ``[0, prefix_len)`` filled from the donor's KV.
 
     Args:
         donor_k, donor_v: ``[num_layers, donor_len, num_kv_heads, head_dim]`` (keys rotated at donor positions),
             on any device; copied to ``device`` (default: the donor's).
+        prefix_len: spans are used only below this position.
+        total_len: rows to allocate (default ``prefix_len``); rows past ``prefix_len`` are zero, for the layer loop
+            to fill.
         rope_correction: re-rotate moved keys by each span's delta. False exists only for the ablation that shows
             why it is needed.
 
-    Returns ``(k, v)``, each ``[num_layers, prefix_len, num_kv_heads, head_dim]`` in the donor's dtype; rows no span
-    covers are zero. One re-rotation per span covering all layers (layers folded into the head axis).
+    Returns ``(k, v)``, each a ``[num_layers, total_len, num_kv_heads, head_dim]`` view in the donor's dtype whose
+    storage is in the Hugging Face cache layout ``[num_layers, num_kv_heads, total_len, head_dim]``
+    (``k.transpose(1, 2)`` is contiguous), so the cache is built without a copy. Rows no span covers are zero.
+    One re-rotation per span covering all layers (layers folded into the head axis).
     """
     import torch
 
@@ -140,13 +146,16 @@ def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: in
 
     device = donor_k.device if device is None else torch.device(device)
     num_layers, _, kv_heads, head_dim = donor_k.shape
+    total_len = prefix_len if total_len is None else int(total_len)
+    if total_len < prefix_len:
+        raise ValueError(f"total_len={total_len} < prefix_len={prefix_len}")
     if donor_k.device != device:
         # One contiguous host->device copy per tensor (full pinned-memory bandwidth); slicing tokens first would
         # make strided views that torch stages through pageable memory.
         donor_k = donor_k.to(device, non_blocking=True)
         donor_v = donor_v.to(device, non_blocking=True)
-    k = torch.zeros((num_layers, prefix_len, kv_heads, head_dim), dtype=donor_k.dtype, device=device)
-    v = torch.zeros_like(k)
+    k = torch.zeros((num_layers, kv_heads, total_len, head_dim), dtype=donor_k.dtype, device=device).transpose(1, 2)
+    v = torch.zeros_like(k.transpose(1, 2)).transpose(1, 2)
     for span in plan.spans:
         t0, t1 = span.target_start, min(span.target_end, prefix_len)
         if t1 <= t0:
@@ -183,6 +192,29 @@ def _nested_counts(plan: SemanticKvPlan, num_layers: int, candidates: int, check
     return out
 
 
+# RMSNorm classes whose forward is exactly ``weight * normalize(x)`` (no offset, no bias): the loop replaces their
+# seven-kernel eager forward by torch's one-call ``rms_norm`` (same math, fp32 accumulation). On a serving host
+# the blended prefill of a 7B model is CPU-launch-bound (benchmarks/results/ttft_h100.json), so kernel count is
+# latency. Anything else (Gemma's ``1 + weight``, unknown classes) keeps its own forward.
+_PLAIN_RMSNORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
+
+
+def _fast_norm(module: Any) -> Any:
+    import torch
+
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if type(module).__name__ not in _PLAIN_RMSNORMS or weight is None or eps is None \
+            or getattr(module, "bias", None) is not None:
+        return module
+    shape = (int(weight.shape[-1]),)
+
+    def norm(x: Any) -> Any:
+        return torch.nn.functional.rms_norm(x, shape, weight, eps)
+
+    return norm
+
+
 def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *,
                      check_layer: int | None = 1) -> BlendStats:
     """Refresh the assembled cache in place for the plan's prefix ``[0, prefix_len)``, layer by layer.
@@ -195,6 +227,34 @@ def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticK
 
     Returns :class:`BlendStats`. Nothing is computed when no prefix position needs fresh KV.
     """
+    stats, _ = _layer_loop(model, input_ids, k, v, plan, reuse_len=int(input_ids.shape[0]),
+                           check_layer=check_layer, want_logits=False)
+    return stats
+
+
+def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *, reuse_len: int,
+                  check_layer: int | None = 1) -> tuple[BlendStats, Any]:
+    """The whole blended prefill in one pass over the layers: recomputed prefix tokens *and* the suffix.
+
+    Args:
+        input_ids: LongTensor ``[n]``, the whole prompt.
+        k, v: ``[num_layers, n, num_kv_heads, head_dim]`` from :func:`assemble_kv` with ``total_len=n`` (modified
+            in place: on return they hold the prompt's complete KV).
+        reuse_len: donor KV is used only below this position; ``[reuse_len, n)`` is the suffix, computed fresh at
+            every layer like a cold prefill would (``reuse_len < n``: the last token is always fresh).
+
+    Returns ``(stats, logits)``: float32 logits ``[vocab]`` of the last prompt token. Running the suffix inside
+    the same loop (instead of the model's forward on the assembled cache) reads every weight once per hit, not
+    twice, and halves the kernel launches.
+    """
+    total = int(input_ids.shape[0])
+    if not 0 < reuse_len < total:
+        raise ValueError(f"reuse_len must lie in [1, {total}), got {reuse_len}")
+    return _layer_loop(model, input_ids, k, v, plan, reuse_len=reuse_len, check_layer=check_layer, want_logits=True)
+
+
+def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *, reuse_len: int,
+                check_layer: int | None, want_logits: bool) -> tuple[BlendStats, Any]:
     import torch
 
     from semblend_core.partial_attention import partial_attention
@@ -203,21 +263,21 @@ def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticK
     decoder = model.get_decoder()
     layers = decoder.layers
     num_layers = len(layers)
-    prefix_len = int(input_ids.shape[0])
+    total = int(input_ids.shape[0])
     device = k.device
 
-    mandatory_mask = np.zeros(prefix_len, dtype=bool)
+    mandatory_mask = np.zeros(total, dtype=bool)
     for a, b in plan.recompute_ranges:
-        mandatory_mask[max(0, a):min(prefix_len, b)] = True
-    covered = np.zeros(prefix_len, dtype=bool)
-    seamed = np.zeros(prefix_len, dtype=bool)
+        mandatory_mask[max(0, a):min(reuse_len, b)] = True
+    covered = np.zeros(total, dtype=bool)
+    seamed = np.zeros(total, dtype=bool)
     for s in plan.spans:
-        a, b = s.target_start, min(s.target_end, prefix_len)
+        a, b = s.target_start, min(s.target_end, reuse_len)
         if b > a:
             covered[a:b] = True
             if not s.context_exact:
                 seamed[a:b] = True
-    mandatory_mask |= ~covered
+    mandatory_mask |= ~covered  # uncovered prefix rows and the whole suffix
     candidates_mask = seamed & ~mandatory_mask  # reused tokens whose KV saw another context
     n_candidates = int(candidates_mask.sum())
 
@@ -231,20 +291,26 @@ def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticK
         check_layer = -1
 
     mandatory = np.flatnonzero(mandatory_mask)
+    mandatory_prefix = int(np.searchsorted(mandatory, reuse_len))
     if not check and mandatory.size == 0:
-        return BlendStats(prefix_len, tuple([0] * num_layers), False, 0)
+        return BlendStats(reuse_len, tuple([0] * num_layers), False, 0), None
 
-    active = np.arange(prefix_len, dtype=np.int64) if check else mandatory
+    in_norms = [_fast_norm(layer.input_layernorm) for layer in layers]
+    post_norms = [_fast_norm(layer.post_attention_layernorm) for layer in layers]
+    rotary = _rotary_fn(layers[0].self_attn)
+
+    active = np.arange(total, dtype=np.int64) if check else mandatory
+    pos_t = torch.as_tensor(active, device=device)
     ids = input_ids.to(device)
-    hidden = decoder.embed_tokens(ids[torch.as_tensor(active, device=device)])[None]  # [1, n, hidden]
+    hidden = decoder.embed_tokens(ids[pos_t])[None]  # [1, n, hidden]
+    cos, sin = decoder.rotary_emb(hidden, pos_t[None])  # recomputed only when the active set changes
     active_counts: list[int] = []
-    full_prefix = check  # active == every prefix position (full causal attention is cheaper through SDPA)
+    full_rows = check  # active == every position (full causal attention is cheaper through SDPA)
 
     for layer_idx, layer in enumerate(layers):
-        pos_t = torch.as_tensor(active, device=device, dtype=torch.long)
         attn = layer.self_attn
         head_dim = attn.head_dim
-        x = layer.input_layernorm(hidden)
+        x = in_norms[layer_idx](hidden)
         n = x.shape[1]
         q = attn.q_proj(x).view(1, n, -1, head_dim)
         kk = attn.k_proj(x).view(1, n, -1, head_dim)
@@ -252,14 +318,13 @@ def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticK
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
             q, kk = attn.q_norm(q), attn.k_norm(kk)
         q, kk, vv = q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2)  # [1, heads, n, D]
-        cos, sin = decoder.rotary_emb(vv, pos_t[None])
-        q, kk = _rotary_fn(attn)(q, kk, cos, sin)
+        q, kk = rotary(q, kk, cos, sin)
         fresh_k = kk[0].transpose(0, 1)  # [n, kv_heads, D]
         fresh_v = vv[0].transpose(0, 1)
 
         if layer_idx == check_layer:
             # CacheBlend: tokens whose fresh K/V differ most from the reused K/V carry the cross-context error.
-            # At the check layer every prefix position is active, so row index == position.
+            # At the check layer every position is active, so row index == position.
             cand = np.flatnonzero(candidates_mask)
             cand_t = torch.as_tensor(cand, device=device)
             score = deviation_scores(fresh_k[cand_t], k[layer_idx, cand_t], fresh_v[cand_t], v[layer_idx, cand_t])
@@ -267,23 +332,28 @@ def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticK
             ranked = cand[order]
         k[layer_idx, pos_t] = fresh_k.to(k.dtype)
         v[layer_idx, pos_t] = fresh_v.to(v.dtype)
-        active_counts.append(int(active.size))
-        if layer_idx == num_layers - 1:
-            break  # the last layer's attention/MLP outputs feed nothing: only its K/V matter
+        active_counts.append(int(np.searchsorted(active, reuse_len)))  # prefix rows only; the suffix is counted apart
 
-        # A token's attention and MLP at this layer are needed only if it is still active at the next layer.
-        next_active = active
-        if check and layer_idx >= check_layer:
+        # A token's attention and MLP at this layer are needed only if it is still active at the next layer; at
+        # the last layer only the last token's (its hidden state gives the logits), or none.
+        if layer_idx == num_layers - 1:
+            if not want_logits:
+                break
+            next_active = active[-1:]
+        elif check and layer_idx >= check_layer:
             next_active = np.union1d(mandatory, ranked[:counts[layer_idx + 1]])
+        else:
+            next_active = active
         if next_active.size == 0:
             break  # deeper layers keep the reused KV everywhere
-        if next_active.size != active.size:
+        changed = next_active.size != active.size
+        if changed:
             rows = torch.as_tensor(np.searchsorted(active, next_active), device=device)
             q, hidden = q[:, :, rows], hidden[:, rows]
-            pos_t = torch.as_tensor(next_active, device=device, dtype=torch.long)
-            full_prefix = False
-        if full_prefix:
-            # Every prefix token is a query: plain causal SDPA (flash attention on CUDA). K/V are expanded to the
+            pos_t = torch.as_tensor(next_active, device=device)
+            full_rows = False
+        if full_rows:
+            # Every position is a query: plain causal SDPA (flash attention on CUDA). K/V are expanded to the
             # query heads explicitly because not every SDPA backend takes grouped KV.
             group = q.shape[1] // k.shape[2]
             kx = k[layer_idx].repeat_interleave(group, dim=1) if group > 1 else k[layer_idx]
@@ -295,7 +365,14 @@ def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticK
             out = partial_attention(q[0].transpose(0, 1).contiguous(), k[layer_idx], v[layer_idx], pos_t,
                                     scale=attn.scaling, check_positions=False)
         hidden = hidden + attn.o_proj(out.reshape(1, out.shape[0], -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + layer.mlp(post_norms[layer_idx](hidden))
         active = next_active
+        if changed and layer_idx < num_layers - 1:
+            cos, sin = decoder.rotary_emb(hidden, pos_t[None])
     active_counts += [0] * (num_layers - len(active_counts))
-    return BlendStats(prefix_len, tuple(active_counts), check, int(mandatory.size))
+    stats = BlendStats(reuse_len, tuple(active_counts), check, mandatory_prefix)
+    if not want_logits:
+        return stats, None
+    last = decoder.norm(hidden[:, -1:])
+    logits = model.get_output_embeddings()(last)
+    return stats, logits[0, -1].float()

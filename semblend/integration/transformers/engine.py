@@ -8,8 +8,8 @@ Lifecycle of one ``generate`` call::
     plan = pipeline.plan(ids, text)                      # semblend_core: donor discovery + alignment (never raises)
     if plan.is_hit and donor KV is resident:
         k, v = assemble_kv(plan, donor_kv)               # donor KV moved to target positions (RoPE re-rotation)
-        recompute_layers(model, ids[:P], k, v, plan)     # seam / uncovered / deviation tokens, layer by layer
-        logits = model(ids[P:], past_key_values=k, v)    # the suffix through the model's own forward
+        logits = blend_prefill(model, ids, k, v, plan)   # one layer pass: seam / uncovered / deviation tokens
+                                                         # and the suffix ids[P:]; logits of the last token
         pipeline.record_outcome(plan, "materialized", loaded_tokens=...)
     else:                                                # a miss, a decline, or ANY error: normal cold prefill
         logits = model(ids)
@@ -17,8 +17,8 @@ Lifecycle of one ``generate`` call::
     rest = model.generate(ids + [first], past_key_values=cache)
     donor store <- (ids, per-layer KV of the prompt)     # capacity-bounded; the prompt becomes a donor
 
-``P`` is the end of the last reused span (at most ``len(ids) - 1``): everything after it is the suffix, computed
-fresh by the model's own forward exactly as a cold prefill would on that cache.
+``P`` is the end of the last reused span (at most ``len(ids) - suffix_tokens``): everything after it is the suffix,
+computed fresh at every layer in the same pass (each weight is read once per hit).
 
 Unsupported models (sliding-window, chunked or NoPE layers, RoPE whose re-rotation is not exact, MLA) still
 generate, always cold, with outcome ``declined`` and the reason. Works on CPU and CUDA; one request at a time.
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from semblend.integration.transformers.blend import BlendStats, assemble_kv, model_support, recompute_layers
+from semblend.integration.transformers.blend import BlendStats, assemble_kv, blend_prefill, model_support
 from semblend_core.config import SemBlendConfig
 from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Outcome, Reason, SemanticKvPlan
@@ -433,8 +433,8 @@ class SemBlendEngine:
             # The lease pins the donor's KV for the whole materialization: eviction cannot pull it away.
             with self.kv_store.lease(self.namespace.key, str(plan.donor_id)) as donor:
                 donor.wait()
-                result = self._materialize(ids, plan, donor.kv[:, 0], donor.kv[:, 1], start, plan_s, request_id,
-                                           plan.donor_id)
+                result = self._materialize(ids, plan, None, None, start, plan_s, request_id, plan.donor_id,
+                                           donor_kv=donor.kv)
         except DonorKvMissingError:
             self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_DONOR_KV_EVICTED)
             return self._cold(ids, start, plan, Outcome.DECLINED, REASON_DONOR_KV_EVICTED, request_id, plan_s=plan_s)
@@ -449,8 +449,18 @@ class SemBlendEngine:
         return result
 
     def _materialize(self, ids: list[int], plan: SemanticKvPlan, donor_k: Any, donor_v: Any, start: float,
-                     plan_s: float, request_id: str, donor_id: str | None) -> PrefillResult:
+                     plan_s: float, request_id: str, donor_id: str | None, *, donor_kv: Any = None
+                     ) -> PrefillResult:
+        """``donor_kv``: a store entry ``[L, 2, T, H, D]`` instead of ``donor_k``/``donor_v`` (copied to the device
+        inside the ``load`` timing)."""
         torch = self._torch
+        t0 = time.perf_counter()
+        if donor_kv is not None:
+            if donor_kv.device != self.device:
+                # One contiguous copy of the whole entry at pinned-memory bandwidth: the strided k/v halves would be
+                # staged through pageable memory (about 10x slower on the H100 host, measured).
+                donor_kv = donor_kv.to(self.device, non_blocking=True)
+            donor_k, donor_v = donor_kv[:, 0], donor_kv[:, 1]
         n = len(ids)
         if not plan.spans:
             raise ValueError("a materialized plan needs at least one span")
@@ -462,23 +472,23 @@ class SemBlendEngine:
             raise ValueError(f"plan spans exceed the donor KV ({donor_k.shape[1]} tokens)")
         if donor_k.shape[0] != self.num_layers:
             raise ValueError(f"donor KV has {donor_k.shape[0]} layers, the model {self.num_layers}")
-        t0 = time.perf_counter()
         with torch.no_grad():
             k, v = assemble_kv(plan, donor_k, donor_v, prefix_len, self.rope_spec,
-                               rope_correction=self.options.rope_correction, device=self.device)
+                               rope_correction=self.options.rope_correction, device=self.device, total_len=n)
             _sync(self.device)
             t1 = time.perf_counter()
-            stats = recompute_layers(self.model, torch.tensor(ids[:prefix_len], device=self.device), k, v, plan,
-                                     check_layer=self.options.check_layer)
-            cache = build_dynamic_cache(self.model, k, v)
-            del k, v
+            # One pass over the layers: recomputed prefix tokens and the suffix together; logits of the last token.
+            stats, logits = blend_prefill(self.model, torch.tensor(ids, device=self.device), k, v, plan,
+                                          reuse_len=prefix_len, check_layer=self.options.check_layer)
             _sync(self.device)
             t2 = time.perf_counter()
-        logits = self._forward(ids[prefix_len:], cache)
-        _sync(self.device)
-        t3 = time.perf_counter()
+            cache = build_dynamic_cache(self.model, k, v)  # k/v storage is already in the cache's layout: no copy
+            del k, v
+            _sync(self.device)
+            t3 = time.perf_counter()
         suffix = n - prefix_len
         fraction = (stats.token_layers + suffix * self.num_layers) / (n * self.num_layers)
+        # "recompute" covers the fused layer pass (budgeted prefix tokens + suffix); "suffix" is the cache hand-off.
         timings = {"plan": plan_s, "load": t1 - t0, "recompute": t2 - t1, "suffix": t3 - t2, "total": t3 - start}
         return PrefillResult(tuple(ids), cache, logits, Outcome.MATERIALIZED, Reason.HIT, plan,
                              MappingProxyType(timings), float(fraction), stats=stats, donor_id=donor_id,
