@@ -199,6 +199,9 @@ def _nested_counts(plan: SemanticKvPlan, num_layers: int, candidates: int, check
 _PLAIN_RMSNORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
 
 
+_ROTATE_HALF_MODULES = frozenset(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "qwen2", "qwen3", "mistral"))
+
+
 def _fast_norm(module: Any) -> Any:
     import torch
 
@@ -259,6 +262,7 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
 
     from semblend_core.partial_attention import partial_attention
     from semblend_core.recompute import deviation_scores
+    from semblend_core.rope_store import rope_store
 
     decoder = model.get_decoder()
     layers = decoder.layers
@@ -298,6 +302,9 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
     in_norms = [_fast_norm(layer.input_layernorm) for layer in layers]
     post_norms = [_fast_norm(layer.post_attention_layernorm) for layer in layers]
     rotary = _rotary_fn(layers[0].self_attn)
+    # The fused RoPE + cache store (semblend_core.rope_store: Triton on CUDA, its torch twin elsewhere) implements
+    # exactly the rotate-half RoPE of these families; any other attention module keeps its own rotary function.
+    fused_rope = type(layers[0].self_attn).__module__ in _ROTATE_HALF_MODULES
 
     active = np.arange(total, dtype=np.int64) if check else mandatory
     pos_t = torch.as_tensor(active, device=device)
@@ -312,26 +319,27 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
         head_dim = attn.head_dim
         x = in_norms[layer_idx](hidden)
         n = x.shape[1]
-        q = attn.q_proj(x).view(1, n, -1, head_dim)
-        kk = attn.k_proj(x).view(1, n, -1, head_dim)
-        vv = attn.v_proj(x).view(1, n, -1, head_dim)
+        q = attn.q_proj(x).view(n, -1, head_dim)  # token-major [n, heads, D] throughout
+        kk = attn.k_proj(x).view(n, -1, head_dim)
+        vv = attn.v_proj(x).view(n, -1, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
             q, kk = attn.q_norm(q), attn.k_norm(kk)
-        q, kk, vv = q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2)  # [1, heads, n, D]
-        q, kk = rotary(q, kk, cos, sin)
-        fresh_k = kk[0].transpose(0, 1)  # [n, kv_heads, D]
-        fresh_v = vv[0].transpose(0, 1)
-
-        if layer_idx == check_layer:
-            # CacheBlend: tokens whose fresh K/V differ most from the reused K/V carry the cross-context error.
-            # At the check layer every position is active, so row index == position.
-            cand = np.flatnonzero(candidates_mask)
-            cand_t = torch.as_tensor(cand, device=device)
-            score = deviation_scores(fresh_k[cand_t], k[layer_idx, cand_t], fresh_v[cand_t], v[layer_idx, cand_t])
-            order = torch.argsort(score.float(), descending=True, stable=True).cpu().numpy()
-            ranked = cand[order]
-        k[layer_idx, pos_t] = fresh_k.to(k.dtype)
-        v[layer_idx, pos_t] = fresh_v.to(v.dtype)
+        if fused_rope and layer_idx != check_layer:
+            # One launch: RoPE on q and k, fresh k/v written into this layer's cache rows.
+            q = rope_store(q, kk, vv, cos[0], sin[0], pos_t, k[layer_idx], v[layer_idx])
+        else:
+            qh, kh = rotary(q.transpose(0, 1)[None], kk.transpose(0, 1)[None], cos, sin)  # HF wants [1, H, n, D]
+            q, fresh_k = qh[0].transpose(0, 1), kh[0].transpose(0, 1)
+            if layer_idx == check_layer:
+                # CacheBlend: tokens whose fresh K/V differ most from the reused K/V carry the cross-context
+                # error. At the check layer every position is active, so row index == position.
+                cand = np.flatnonzero(candidates_mask)
+                cand_t = torch.as_tensor(cand, device=device)
+                score = deviation_scores(fresh_k[cand_t], k[layer_idx, cand_t], vv[cand_t], v[layer_idx, cand_t])
+                order = torch.argsort(score.float(), descending=True, stable=True).cpu().numpy()
+                ranked = cand[order]
+            k[layer_idx, pos_t] = fresh_k.to(k.dtype)
+            v[layer_idx, pos_t] = vv.to(v.dtype)
         active_counts.append(int(np.searchsorted(active, reuse_len)))  # prefix rows only; the suffix is counted apart
 
         # A token's attention and MLP at this layer are needed only if it is still active at the next layer; at
@@ -349,7 +357,7 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
         changed = next_active.size != active.size
         if changed:
             rows = torch.as_tensor(np.searchsorted(active, next_active), device=device)
-            q, hidden = q[:, :, rows], hidden[:, rows]
+            q, hidden = q[rows], hidden[:, rows]
             pos_t = torch.as_tensor(next_active, device=device)
             full_rows = False
         if full_rows:
@@ -359,11 +367,11 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
             kx = k[layer_idx].repeat_interleave(group, dim=1) if group > 1 else k[layer_idx]
             vx = v[layer_idx].repeat_interleave(group, dim=1) if group > 1 else v[layer_idx]
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, kx.transpose(0, 1)[None], vx.transpose(0, 1)[None], is_causal=True, scale=attn.scaling,
+                q.transpose(0, 1)[None], kx.transpose(0, 1)[None], vx.transpose(0, 1)[None], is_causal=True,
+                scale=attn.scaling,
             )[0].transpose(0, 1)
         else:
-            out = partial_attention(q[0].transpose(0, 1).contiguous(), k[layer_idx], v[layer_idx], pos_t,
-                                    scale=attn.scaling, check_positions=False)
+            out = partial_attention(q, k[layer_idx], v[layer_idx], pos_t, scale=attn.scaling, check_positions=False)
         hidden = hidden + attn.o_proj(out.reshape(1, out.shape[0], -1))
         hidden = hidden + layer.mlp(post_norms[layer_idx](hidden))
         active = next_active

@@ -98,9 +98,9 @@ class PrefillResult:
 
     * ``cache``: a transformers ``DynamicCache`` holding KV for every prompt token (mutated by later forwards).
     * ``logits``: float32 ``[vocab]`` next-token logits after the last prompt token.
-    * ``timings``: seconds for ``plan``, ``load`` (donor KV gathered, re-rotated, assembled), ``recompute`` (layer
-      loop), ``suffix`` (model forward over the tokens after the last reused span; the whole prompt when cold)
-      and ``total``.
+    * ``timings``: seconds for ``plan``, ``load`` (donor KV copied to the device, gathered, re-rotated,
+      assembled), ``recompute`` (the one layer pass over budgeted prefix tokens and the suffix, logits included),
+      ``suffix`` (hand-off of the assembled KV as the cache; the whole model forward when cold) and ``total``.
     * ``recomputed_fraction``: token-layer work done over a cold prefill's (1.0 when cold).
     """
 
