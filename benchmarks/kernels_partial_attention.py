@@ -8,7 +8,10 @@
   :func:`semblend_core.recompute.select_recompute` picks for a prompt of shifted 512-token chunks -- the first 8
   tokens after every seam plus top-deviation tokens), over the full KV with the causal mask;
 * full causal attention over every position with torch SDPA on the flash backend (what a cold prefill pays);
-* the same kernel on every position (its efficiency against flash on identical work).
+* the same kernel on every position (its efficiency against flash on identical work);
+* a fixed number of queries (``num_qs``, default 80: SemBlend's blended prefill) at every sequence length, where
+  the wrapper splits the KV across programs; each case records the split count the heuristic chose, and the tile
+  sweep also times every split count from 1 to 32 on those cases.
 
 It also verifies the kernel against an fp32 reference at each size (relative Frobenius error, in query chunks) and
 reports the bf16 torch reference's error next to it, with the tolerance rule of the kernel tests.
@@ -54,7 +57,8 @@ def _attn_flops(pos: np.ndarray) -> float:
 
 
 def run(device: str = "cuda", *, seq_lens: tuple[int, ...] = (8192, 32768),
-        fractions: tuple[float, ...] = (0.05, 0.15), kinds: tuple[str, ...] = ("random", "seam"),
+        fractions: tuple[float, ...] = (0.05, 0.15), num_qs: tuple[int, ...] = (80,),
+        kinds: tuple[str, ...] = ("random", "seam"),
         verify: bool = True, sweep_tiles: bool = True, seed: int = 0) -> dict[str, Any]:
     """Benchmark on ``device`` (CUDA only); return a JSON-able dict of timings (ms), speedups and errors."""
     import torch
@@ -72,26 +76,31 @@ def run(device: str = "cuda", *, seq_lens: tuple[int, ...] = (8192, 32768),
         "torch": torch.__version__, "triton": triton.__version__,
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
         "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
-        "cases": [], "full": [], "tiles": [],
+        "cases": [], "full": [], "tiles": [], "splits": [],
     }
 
     def bench(fn) -> float:
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
     for seq_len in seq_lens:
-        _bench_seq_len(out, seq_len, fractions, kinds, verify, sweep_tiles, seed, dev, bench)
+        # A fixed query count enters as the fraction that _positions rounds back to it.
+        fracs = tuple(fractions) + tuple(nq / seq_len for nq in num_qs)
+        _bench_seq_len(out, seq_len, fracs, kinds, verify, sweep_tiles, seed, dev, bench, len(fractions))
         torch.cuda.empty_cache()
     return out
 
 
 def _bench_seq_len(out: dict[str, Any], seq_len: int, fractions: tuple[float, ...], kinds: tuple[str, ...],
-                   verify: bool, sweep_tiles: bool, seed: int, dev: Any, bench: Any) -> None:
+                   verify: bool, sweep_tiles: bool, seed: int, dev: Any, bench: Any, num_frac: int) -> None:
+    """``fractions[num_frac:]`` are fixed query counts: they get the split sweep instead of the tile sweep."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from semblend_core.partial_attention import (
         _launch,
         _pick_blocks,
+        _pick_splits,
+        _sm_count,
         partial_attention,
         partial_attention_reference,
     )
@@ -136,23 +145,31 @@ def _bench_seq_len(out: dict[str, Any], seq_len: int, fractions: tuple[float, ..
     del ref_full, ker_full
 
     for kind in kinds:
-        for fraction in fractions:
+        for fi, fraction in enumerate(fractions):
             pos = np.array(_positions(kind, seq_len, fraction, seed), dtype=np.int64)  # writable copy for torch
             pos_t = torch.from_numpy(pos).to(dev)
             q = q_all[pos_t].contiguous()
             blocks = _pick_blocks(len(pos) * (HEADS // KV_HEADS), HEAD_DIM, KV_HEADS, dev, torch.bfloat16)
+            programs = -(-len(pos) * (HEADS // KV_HEADS) // blocks[0]) * KV_HEADS
+            splits = _pick_splits(programs, seq_len, blocks[1], _sm_count(torch.cuda.current_device()))
             ms = bench(functools.partial(partial_attention, q, k, v, pos_t, check_positions=False))
             flops = _attn_flops(pos)
             case = {
                 "seq_len": seq_len, "kind": kind, "fraction": fraction, "num_q": len(pos),
                 "partial_ms": ms, "full_causal_ms": full_ms, "speedup_vs_full": full_ms / ms,
                 "work_fraction": flops / full_flops, "tflops": flops / ms / 1e9, "blocks": list(blocks),
+                "splits": splits,
             }
             if verify:
                 case.update(_verify(q, k, v, pos_t, partial_attention, partial_attention_reference))
             out["cases"].append(case)
 
-            if sweep_tiles and kind == "random":
+            if sweep_tiles and kind == "random" and fi >= num_frac:
+                for n_split in (1, 2, 4, 8, 16, 32):
+                    ms_s = bench(functools.partial(_launch, q, k, v, pos_t, scale, splits=n_split))
+                    out["splits"].append({"seq_len": seq_len, "num_q": len(pos), "blocks": list(blocks),
+                                          "splits": n_split, "ms": ms_s, "heuristic": n_split == splits})
+            elif sweep_tiles and kind == "random":
                 for tiles in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 64, 8, 3),
                               (128, 64, 8, 3)):
                     row = {"seq_len": seq_len, "fraction": fraction, "blocks": list(tiles)}
@@ -187,9 +204,11 @@ def main() -> None:
     parser.add_argument("--out", help="write the JSON result here")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--num-q", type=int, action="append",
+                        help="fixed query count to time at every sequence length (repeatable; default 80)")
     args = parser.parse_args()
     t0 = time.time()
-    result = run(args.device, sweep_tiles=not args.no_sweep)
+    result = run(args.device, sweep_tiles=not args.no_sweep, num_qs=tuple(args.num_q or (80,)))
     result["wall_s"] = round(time.time() - t0, 1)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -202,10 +221,13 @@ def main() -> None:
     for c in result["cases"]:
         print(f"L={c['seq_len']:6d} {c['kind']:6s} {c['fraction']:.2f} nq={c['num_q']:5d} "
               f"partial {c['partial_ms']:7.3f} ms  full {c['full_causal_ms']:7.3f} ms  x{c['speedup_vs_full']:5.1f}  "
-              f"{c['tflops']:.0f} TF/s  err {c.get('rel_err_kernel', float('nan')):.2e} "
+              f"{c['tflops']:.0f} TF/s  splits {c['splits']}  err {c.get('rel_err_kernel', float('nan')):.2e} "
               f"(torch {c.get('rel_err_torch_bf16', float('nan')):.2e}) ok={c.get('within_tolerance')}")
     for t in result["tiles"]:
         print(f"tiles L={t['seq_len']} {t['fraction']:.2f} {t['blocks']}: {t.get('ms', t.get('error'))}")
+    for t in result["splits"]:
+        print(f"splits L={t['seq_len']} nq={t['num_q']} {t['blocks']} x{t['splits']:2d}: {t['ms']:.4f} ms"
+              + ("  (heuristic)" if t["heuristic"] else ""))
 
 
 if __name__ == "__main__":

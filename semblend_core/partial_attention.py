@@ -15,6 +15,8 @@ any positions below ``kv_len``, in any order (sorted is faster). GQA: ``num_head
 :func:`partial_attention` is the only entry point. It validates inputs, runs the Triton kernel
 (``semblend_core.kernels._partial_attention_jit``) on CUDA tensors -- or on CPU tensors when ``TRITON_INTERPRET=1``
 was set before triton was imported -- and otherwise :func:`partial_attention_reference`, the torch SDPA twin.
+When few queries leave SMs idle over a long KV, the kernel splits the keys across programs and a second kernel
+merges the partial softmax states (:func:`_pick_splits` decides; the result does not depend on it beyond rounding).
 Needs the ``gpu`` extra (torch; triton for the kernel).
 """
 
@@ -146,9 +148,37 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _launch(q, k, v, q_positions, scale: float, out=None, blocks: tuple[int, int, int, int] | None = None):
-    """Run the Triton kernel (inputs already validated). ``blocks`` overrides the tile choice (benchmarks only)."""
-    from semblend_core.kernels._partial_attention_jit import partial_attention_kernel
+_MIN_SPLIT_KEYS = 256  # keys per split at least: amortizes the workspace store and the combine pass
+_MAX_SPLITS = 32
+
+
+def _pick_splits(programs: int, kv_len: int, block_n: int, sms: int) -> int:
+    """Number of KV splits for a grid of ``programs`` = row blocks x KV heads (power of two, 1 = no split).
+
+    Split only when the grid leaves SMs idle (``programs < sms``): then pick the power of two nearest (in log scale)
+    to ``2 * sms / programs``, so the split grid holds about two programs per SM (between 1.4x and 2.8x) -- under
+    the causal mask the splits above a row block's largest position are near-empty, so one nominal wave would leave
+    SMs idle again. Capped at 32 and so that each split keeps at least ``max(256, 4 * block_n)`` keys of ``kv_len``.
+    Example (H100, 132 SMs; Qwen2.5-7B heads, 80 queries -> 18 row blocks of 32 x 4 KV heads = 72 programs):
+    4 splits at 8K and 32K keys (288 programs); 1 below 2 * 256 keys.
+    """
+    if programs >= sms:
+        return 1
+    max_by_len = kv_len // max(_MIN_SPLIT_KEYS, 4 * block_n)
+    if max_by_len < 2:
+        return 1
+    want = 1 << max(0, round(math.log2(2 * sms / programs)))
+    return min(want, _MAX_SPLITS, 1 << (max_by_len.bit_length() - 1))
+
+
+def _launch(q, k, v, q_positions, scale: float, out=None, blocks: tuple[int, int, int, int] | None = None,
+            splits: int | None = None):
+    """Run the Triton kernel (inputs already validated). ``blocks`` overrides the tile choice (benchmarks only);
+    ``splits`` the number of KV splits (tests and benchmarks only; None = :func:`_pick_splits` on CUDA, 1 on CPU)."""
+    from semblend_core.kernels._partial_attention_jit import (
+        partial_attention_combine_kernel,
+        partial_attention_kernel,
+    )
 
     num_q, num_heads, head_dim = q.shape
     kv_len, num_kv_heads, _ = k.shape
@@ -164,18 +194,44 @@ def _launch(q, k, v, q_positions, scale: float, out=None, blocks: tuple[int, int
     block_m, block_n, num_warps, num_stages = blocks or _pick_blocks(rows, head_dim, num_kv_heads, q.device, q.dtype)
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     num_m_blocks = triton_cdiv(rows, block_m)
-    grid = (num_m_blocks, num_kv_heads)
+    if splits is None:
+        splits = 1
+        if q.device.type == "cuda":
+            sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            splits = _pick_splits(num_m_blocks * num_kv_heads, kv_len, block_n, sms)
+    elif not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
+        raise ValueError(f"partial_attention: splits must be a positive int, got {splits!r}")
+    # A multiple of BLOCK_N, so that no key tile straddles two splits; trailing splits may be empty.
+    split_len = triton_cdiv(triton_cdiv(kv_len, splits), block_n) * block_n
+    if splits > 1:
+        ws_acc = torch.empty(splits, num_q, num_heads, block_d, device=q.device, dtype=torch.float32)
+        ws_m = torch.empty(splits, num_q, num_heads, device=q.device, dtype=torch.float32)
+        ws_l = torch.empty(splits, num_q, num_heads, device=q.device, dtype=torch.float32)
+    else:
+        ws_acc = ws_m = ws_l = out  # unused: the kernel stores to out directly
+    even_d = block_d == head_dim
+    grid = (num_m_blocks, num_kv_heads, splits)
     partial_attention_kernel[grid](
-        q, k, v, q_positions, out,
-        num_q, kv_len, head_dim, num_m_blocks,
+        q, k, v, q_positions, out, ws_acc, ws_m, ws_l,
+        num_q, kv_len, head_dim, num_m_blocks, num_heads, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * _LOG2E,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        EVEN_D=(block_d == head_dim), IEEE=(q.dtype == torch.float32),
+        EVEN_D=even_d, IEEE=(q.dtype == torch.float32),
         # The interpreter's bf16 tl.dot returns garbage (triton 3.9, CPU); emulate it exactly in float32 there.
         DOT_F32=(q.device.type == "cpu" and q.dtype == torch.bfloat16),
+        NUM_SPLITS=splits,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if splits > 1:
+        block_r = max(1, 2048 // block_d)  # ~2K float32 accumulators per program
+        num_rows = num_q * num_heads
+        partial_attention_combine_kernel[(triton_cdiv(num_rows, block_r),)](
+            ws_acc, ws_m, ws_l, out,
+            num_rows, num_heads, head_dim, out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=even_d,
+            num_warps=4,
+        )
     return out
 
 

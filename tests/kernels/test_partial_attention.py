@@ -6,6 +6,9 @@ input dtype before ``P @ V`` (as every tensor-core flash kernel does), one round
 
 The Triton kernel runs on CPU through ``TRITON_INTERPRET=1``, which must be set before triton is imported, so those
 cases run in one subprocess per session; the same cases, larger, run on CUDA under ``@pytest.mark.gpu``.
+
+Split KV (``splits > 1``: partial states per key range, merged by a second kernel) is forced in the interpreter
+through ``_launch(splits=...)``; on CUDA the wrapper's heuristic picks it for few queries over a long KV.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ ATOL = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 # --------------------------------------------------------------------------- shared case machinery
 def make_inputs(case: dict, device: str = "cpu"):
     """Fresh random inputs for one case. ``case`` keys: seed, dtype, num_q, heads, kv_heads, head_dim, kv_len,
-    positions ("sorted" | "unsorted" | "tail" | "dups" | "full"), layout ("contiguous" | "strided")."""
+    positions ("sorted" | "unsorted" | "tail" | "dups" | "full" | "low"), layout ("contiguous" | "strided");
+    optional: scale_keys, blocks (tile override), splits (KV split override)."""
     g = torch.Generator().manual_seed(case["seed"])
     dtype = DTYPES[case["dtype"]]
     nq, h, kh, d, n = case["num_q"], case["heads"], case["kv_heads"], case["head_dim"], case["kv_len"]
@@ -47,6 +51,8 @@ def make_inputs(case: dict, device: str = "cpu"):
         pos = torch.arange(n - nq, n)
     elif mode == "dups":
         pos = torch.sort(torch.randint(0, n, (nq,), generator=g)).values
+    elif mode == "low":  # every query in the first eighth of the KV: most splits hold no visible key at all
+        pos = torch.randint(0, max(1, n // 8), (nq,), generator=g)
     else:
         pos = torch.randperm(n, generator=g)[:nq]
         if mode == "sorted":
@@ -84,9 +90,10 @@ def run_case(case: dict, device: str = "cpu") -> dict:
     ref = partial_attention_reference(q.double(), k.double(), v.double(), pos)
     base = partial_attention_reference(q, k, v, pos)
     out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)  # poison: every element written
-    if case.get("blocks"):
+    if case.get("blocks") or case.get("splits"):
         scale = 1.0 / math.sqrt(q.shape[-1])
-        returned = _launch(q, k, v, pos, scale, out=out, blocks=tuple(case["blocks"]))
+        blocks = tuple(case["blocks"]) if case.get("blocks") else None
+        returned = _launch(q, k, v, pos, scale, out=out, blocks=blocks, splits=case.get("splits"))
     else:
         returned = partial_attention(q, k, v, pos, out=out)
     assert returned is out and out.dtype == q.dtype and out.shape == q.shape
@@ -122,6 +129,19 @@ SHAPES = [
 ]
 
 
+SPLIT_SHAPES = [
+    # (num_q, heads, kv_heads, head_dim, kv_len, positions, layout, splits)
+    (9, 14, 2, 64, 300, "sorted", "contiguous", 4),   # GQA 7; split_len 80, kv_len not a multiple; early row
+                                                      # blocks lie wholly below the later splits
+    (13, 8, 2, 96, 201, "unsorted", "contiguous", 8),  # head_dim 96 (EVEN_D False); split 7 starts past kv_len
+    (20, 4, 1, 80, 77, "dups", "strided", 2),          # duplicate positions, head_dim 80, strided K/V
+    (11, 14, 2, 32, 500, "low", "contiguous", 8),      # all positions < 62: splits 1..7 empty for every row
+    (1, 4, 4, 32, 37, "sorted", "contiguous", 8),      # single query (position 36): 3 splits of 16, 5 empty
+    (0, 14, 2, 32, 40, "full", "contiguous", 4),       # every position: equals full causal attention
+    (7, 12, 3, 48, 333, "unsorted", "strided", 3),     # splits need not be a power of two
+]
+
+
 def interp_cases() -> list[dict]:
     cases = []
     seed = 0
@@ -136,6 +156,21 @@ def interp_cases() -> list[dict]:
     cases.append({"seed": 98, "dtype": "bfloat16", "num_q": 40, "heads": 8, "kv_heads": 2, "head_dim": 32,
                   "kv_len": 97, "positions": "unsorted", "layout": "strided", "blocks": [64, 32, 4, 1],
                   "scale_keys": 4.0})
+    # Split KV: on CPU the default split tile is 16 keys, so split_len = ceil(ceil(kv_len / splits) / 16) * 16.
+    seed = 200
+    for dtype in DTYPES:
+        for nq, h, kh, d, n, mode, layout, splits in SPLIT_SHAPES:
+            seed += 1
+            cases.append({"seed": seed, "dtype": dtype, "num_q": nq, "heads": h, "kv_heads": kh, "head_dim": d,
+                          "kv_len": n, "positions": mode, "layout": layout, "splits": splits})
+    # GPU-like tiles with splits: unmasked tiles cross split boundaries ("tail": lo_full is large), peaky softmax
+    # (split maxima far apart).
+    cases.append({"seed": 299, "dtype": "bfloat16", "num_q": 12, "heads": 28, "kv_heads": 4, "head_dim": 128,
+                  "kv_len": 1000, "positions": "tail", "layout": "contiguous", "blocks": [32, 64, 4, 1],
+                  "splits": 4})
+    cases.append({"seed": 298, "dtype": "float16", "num_q": 30, "heads": 8, "kv_heads": 2, "head_dim": 96,
+                  "kv_len": 700, "positions": "unsorted", "layout": "strided", "blocks": [64, 32, 4, 1],
+                  "splits": 8, "scale_keys": 4.0})
     return cases
 
 
@@ -164,7 +199,7 @@ def interp_results():
 
 @pytest.mark.parametrize("case", interp_cases(), ids=lambda c: f"{c['dtype']}-q{c['num_q']}-h{c['heads']}/{c['kv_heads']}"
                          f"-d{c['head_dim']}-n{c['kv_len']}-{c['positions']}-{c['layout']}"
-                         + ("-tiles" if c.get("blocks") else ""))
+                         + ("-tiles" if c.get("blocks") else "") + (f"-s{c['splits']}" if c.get("splits") else ""))
 def test_kernel_interpreter(case, interp_results):
     check(case, interp_results[json.dumps(case, sort_keys=True)])
 
@@ -218,6 +253,34 @@ def test_single_key():
     v = torch.randn(1, 1, 8)
     out = partial_attention(q, k, v, torch.zeros(1, dtype=torch.int64))
     torch.testing.assert_close(out, v.expand(1, 2, 8))  # softmax over one key is 1
+
+
+@pytest.mark.parametrize("programs, kv_len, block_n, sms, expected", [
+    (72, 8192, 64, 132, 4),       # Qwen2.5-7B heads, 80 queries (18 row blocks of 32 x 4 KV heads) on an H100
+    (72, 32768, 64, 132, 4),
+    (36, 8192, 64, 132, 8),       # 2 * 132 / 36 = 7.3 -> 8
+    (100, 8192, 64, 132, 2),      # 2.64 -> 2 (nearest power of two in log scale)
+    (9, 1 << 20, 64, 132, 32),    # capped at 32
+    (36, 1024, 64, 132, 4),       # at least 256 keys per split
+    (36, 1024, 128, 132, 2),      # ... and at least 4 key tiles
+    (36, 511, 64, 132, 1),        # too short to split
+    (132, 8192, 64, 132, 1),      # the grid already fills the SMs
+    (500, 32768, 64, 132, 1),
+])
+def test_pick_splits(programs, kv_len, block_n, sms, expected):
+    from semblend_core.partial_attention import _pick_splits
+
+    assert _pick_splits(programs, kv_len, block_n, sms) == expected
+
+
+@pytest.mark.parametrize("splits", [0, -1, 2.0, True])
+def test_launch_rejects_bad_splits(splits):
+    pytest.importorskip("triton")
+    from semblend_core.partial_attention import _launch
+
+    q, k, v = torch.randn(2, 4, 16), torch.randn(10, 2, 16), torch.randn(10, 2, 16)
+    with pytest.raises(ValueError, match="splits"):
+        _launch(q, k, v, torch.tensor([3, 9]), 0.25, splits=splits)
 
 
 @pytest.mark.parametrize("bad, err, match", [
@@ -280,4 +343,26 @@ def test_kernel_cuda_tiles(blocks):
     pytest.importorskip("triton")
     case = {"seed": 7, "dtype": "bfloat16", "num_q": 250, "heads": 28, "kv_heads": 4, "head_dim": 128,
             "kv_len": 3001, "positions": "unsorted", "layout": "strided", "blocks": list(blocks)}
+    check(case, run_case(case, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_len", [8192, 32768])
+@pytest.mark.parametrize("positions", ["sorted", "unsorted"])
+def test_kernel_cuda_split_heuristic(kv_len, positions):
+    """SemBlend's blended prefill: ~80 recomputed queries over a long KV, Qwen2.5-7B heads. The default path
+    (no ``splits`` given) must choose split KV on a GPU with more SMs than the unsplit grid, and stay accurate."""
+    pytest.importorskip("triton")
+    from semblend_core.partial_attention import _pick_blocks, _pick_splits, _sm_count
+
+    dev = torch.device("cuda")
+    heads, kv_heads, head_dim, num_q = 28, 4, 128, 80
+    block_m, block_n, _, _ = _pick_blocks(num_q * heads // kv_heads, head_dim, kv_heads, dev, torch.bfloat16)
+    programs = -(-num_q * heads // kv_heads // block_m) * kv_heads
+    sms = _sm_count(torch.cuda.current_device())
+    if programs < sms:
+        assert _pick_splits(programs, kv_len, block_n, sms) > 1
+    case = {"seed": 3000 + kv_len, "dtype": "bfloat16", "num_q": num_q, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": head_dim, "kv_len": kv_len, "positions": positions, "layout": "contiguous"}
     check(case, run_case(case, device="cuda"))
