@@ -100,6 +100,26 @@ def median_timings(runs: list[Any]) -> dict[str, float]:
     return {k: statistics.median(r.timings[k] for r in runs) for k in keys}
 
 
+def gpu_kernel_seconds(fn: Any) -> float | None:
+    """Sum of CUDA kernel times of one ``fn()`` call (torch.profiler): how long the GPU was actually busy.
+
+    Compared with the wall-clock TTFT it shows whether a path is GPU-bound or host (kernel-launch) bound.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        return sum(float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+                   for e in events) / 1e6
+    except Exception as exc:  # noqa: BLE001 - a diagnostic; the timings stand without it
+        logger.warning("profiler unavailable: %s", exc)
+        return None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
@@ -142,6 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         any_eng.cold_prefill(target)  # warm-up at this length
         cold = [any_eng.cold_prefill(target) for _ in range(args.repeats)]
         row["cold_s"] = statistics.median(r.timings["total"] for r in cold)
+        if device == "cuda":
+            row["cold_gpu_kernel_s"] = gpu_kernel_seconds(lambda: any_eng.cold_prefill(target))
         for (name, tier), eng in engines.items():
             eng.prefill(target, register=False)  # warm-up (kernel compile, allocator)
             hits = [eng.prefill(target, register=False) for _ in range(args.repeats)]
@@ -153,6 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "outcomes": sorted(outcomes), "recomputed_fraction": hits[0].recomputed_fraction,
                 "reuse_ratio": hits[0].reuse_ratio, "speedup": row["cold_s"] / med["total"],
             }
+            if device == "cuda" and tier == "device":
+                row[key]["gpu_kernel_s"] = gpu_kernel_seconds(lambda: eng.prefill(target, register=False))
         miss_eng = engines[(OPERATING_POINTS[-1][0], "device")]
         miss_eng.prefill(miss, register=False)
         misses = [miss_eng.prefill(miss, register=False) for _ in range(args.repeats)]
@@ -189,10 +213,16 @@ def table(result: dict[str, Any]) -> None:
     for n in names:
         t.add_column(n.removeprefix("hit_"), justify="right")
     t.add_column("miss overhead", justify="right")
+    busy = "cold_gpu_kernel_s" in result["rows"][0]
+    if busy:
+        t.add_column("GPU busy cold / b0 hit", justify="right")
     for r in result["rows"]:
         cells = [str(r["prompt_tokens"]), f"{r['cold_s'] * 1e3:.1f} ms"]
         cells += [f"{r[n]['ttft_s'] * 1e3:.1f} ms ({r[n]['speedup']:.1f}x)" for n in names]
         cells.append(f"{r['miss']['overhead_vs_cold']:+.2%}")
+        if busy:
+            c, h = r.get("cold_gpu_kernel_s"), r.get("hit_b0_nocheck_device", {}).get("gpu_kernel_s")
+            cells.append(f"{c * 1e3:.1f} / {h * 1e3:.1f} ms" if c is not None and h is not None else "n/a")
         t.add_row(*cells)
     Console(width=200).print(t)
 
@@ -233,7 +263,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--tag", default="h100")
     ap.add_argument("--smoke", action="store_true", help="tiny random model (CPU check of the script)")

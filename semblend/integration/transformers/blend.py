@@ -122,8 +122,8 @@ class BlendStats:
 
 
 def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: int, spec: Any, *,
-                rope_correction: bool = True, device: Any = None, total_len: int | None = None
-                ) -> tuple[Any, Any]:
+                rope_correction: bool = True, device: Any = None, total_len: int | None = None,
+                donor_kv: Any = None) -> tuple[Any, Any]:
     """Target KV for positions ``[0, total_len)`` with rows ``[0, prefix_len)`` filled from the donor's KV.
 
     Args:
@@ -134,6 +134,10 @@ def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: in
             to fill.
         rope_correction: re-rotate moved keys by each span's delta. False exists only for the ablation that shows
             why it is needed.
+        donor_kv: the donor's stacked store entry ``[num_layers, 2, donor_len, num_kv_heads, head_dim]`` already on
+            ``device`` (``donor_k``/``donor_v`` are then ignored): every span of every layer is gathered,
+            re-rotated and scattered by one ``semblend_core.triton_kernels.rerotate_scatter`` call (one Triton
+            launch on CUDA, its torch twin elsewhere) instead of a few copies per span.
 
     Returns ``(k, v)``, each a ``[num_layers, total_len, num_kv_heads, head_dim]`` view in the donor's dtype whose
     storage is in the Hugging Face cache layout ``[num_layers, num_kv_heads, total_len, head_dim]``
@@ -144,6 +148,9 @@ def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: in
 
     from semblend_core.rope_correction import rerotate_keys
 
+    if donor_kv is not None:
+        return _assemble_fused(plan, donor_kv, prefix_len, spec, rope_correction,
+                               prefix_len if total_len is None else int(total_len))
     device = donor_k.device if device is None else torch.device(device)
     num_layers, _, kv_heads, head_dim = donor_k.shape
     total_len = prefix_len if total_len is None else int(total_len)
@@ -170,6 +177,40 @@ def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: in
             src_k = flat.reshape(t1 - t0, num_layers, kv_heads, head_dim).permute(1, 0, 2, 3)
         k[:, t0:t1] = src_k
     return k, v
+
+
+def _assemble_fused(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any, rope_correction: bool,
+                    total_len: int) -> tuple[Any, Any]:
+    import torch
+
+    from semblend_core.kv_layout import HF_CONTIGUOUS, KvCacheView
+    from semblend_core.triton_kernels import rerotate_scatter
+
+    if total_len < prefix_len:
+        raise ValueError(f"total_len={total_len} < prefix_len={prefix_len}")
+    num_layers, _, _, kv_heads, head_dim = donor_kv.shape
+    device = donor_kv.device
+    k_store = torch.zeros((num_layers, kv_heads, total_len, head_dim), dtype=donor_kv.dtype, device=device)
+    v_store = torch.zeros_like(k_store)
+    src_slots, dst_slots, deltas = [], [], []
+    for span in plan.spans:
+        t0, t1 = span.target_start, min(span.target_end, prefix_len)
+        if t1 <= t0:
+            continue
+        dst_slots.append(np.arange(t0, t1, dtype=np.int64))
+        src_slots.append(np.arange(span.donor_start, span.donor_start + (t1 - t0), dtype=np.int64))
+        deltas.append(np.full(t1 - t0, span.delta if rope_correction else 0, dtype=np.int64))
+    if dst_slots:
+        src = KvCacheView.from_donor_store(donor_kv)
+        # HF layout per layer: [batch=1, kv_heads, tokens, head_dim]; slot == token position.
+        dst = KvCacheView.from_separate(HF_CONTIGUOUS, [k_store[i][None] for i in range(num_layers)],
+                                        [v_store[i][None] for i in range(num_layers)])
+        delta = np.concatenate(deltas)
+        rerotate_scatter(src, dst, torch.as_tensor(np.concatenate(src_slots), device=device),
+                         torch.as_tensor(np.concatenate(dst_slots), device=device),
+                         torch.as_tensor(delta, device=device) if delta.any() else 0, spec,
+                         validate_indices=False)
+    return k_store.transpose(1, 2), v_store.transpose(1, 2)
 
 
 def _nested_counts(plan: SemanticKvPlan, num_layers: int, candidates: int, check_layer: int) -> list[int]:

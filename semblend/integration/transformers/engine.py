@@ -474,7 +474,8 @@ class SemBlendEngine:
             raise ValueError(f"donor KV has {donor_k.shape[0]} layers, the model {self.num_layers}")
         with torch.no_grad():
             k, v = assemble_kv(plan, donor_k, donor_v, prefix_len, self.rope_spec,
-                               rope_correction=self.options.rope_correction, device=self.device, total_len=n)
+                               rope_correction=self.options.rope_correction, device=self.device, total_len=n,
+                               donor_kv=donor_kv)
             _sync(self.device)
             t1 = time.perf_counter()
             # One pass over the layers: recomputed prefix tokens and the suffix together; logits of the last token.

@@ -116,6 +116,14 @@ def test_rerotated_layer0_keys_equal_fresh_keys(model):
     k_bad, _ = assemble_kv(plan, k_d, v_d, len(target), eng.rope_spec, rope_correction=False)
     err = (k_bad[0, sl] - k_t[0, sl]).norm() / k_t[0, sl].norm()
     assert err > 0.1
+    # The engine's path: one rerotate_scatter over the stacked store entry, suffix rows allocated and zero.
+    kf, vf = assemble_kv(plan, None, None, len(target) - 3, eng.rope_spec, total_len=len(target),
+                         donor_kv=torch.stack((k_d, v_d), dim=1))
+    assert kf.shape == k.shape and kf.transpose(1, 2).is_contiguous()
+    cut = min(span.target_end, len(target) - 3)
+    torch.testing.assert_close(kf[:, :cut], k[:, :cut], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(vf[:, :cut], v[:, :cut], atol=0, rtol=0)
+    assert torch.count_nonzero(kf[:, cut:]) == 0 and torch.count_nonzero(vf[:, cut:]) == 0
 
 
 def test_full_budget_recompute_equals_cold(model):
