@@ -259,6 +259,59 @@ def _fast_norm(module: Any) -> Any:
     return norm
 
 
+_GATED_MLPS = frozenset({"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"})
+_SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
+
+
+def _plain_linear(module: Any) -> bool:
+    import torch
+
+    return type(module) is torch.nn.Linear
+
+
+def _proj(module: Any) -> Any:
+    """``x [n, in] -> module(x)``: one ``mm``/``addmm`` on the pre-transposed weight view (no module-call or
+    ``linear -> matmul`` dispatch layers, which cost more host time than the GEMM itself for ~100 tokens)."""
+    import torch
+
+    if not _plain_linear(module):
+        return module
+    wt, bias = module.weight.t(), module.bias
+    if bias is None:
+        return lambda x: torch.mm(x, wt)
+    return lambda x: torch.addmm(bias, x, wt)
+
+
+def _proj_residual(module: Any) -> Any:
+    """``(x, residual) -> residual + module(x)`` as one GEMM with the residual in its epilogue when bias-free."""
+    import torch
+
+    if _plain_linear(module) and module.bias is None:
+        wt = module.weight.t()
+        return lambda x, residual: torch.addmm(residual, x, wt)
+    return lambda x, residual: residual + module(x)
+
+
+def _mlp_residual(mlp: Any) -> Any:
+    """``(x, residual) -> residual + mlp(x)``; for the gated SiLU MLPs of these families, five kernels:
+    gate GEMM, up GEMM, in-place SiLU, in-place multiply, down GEMM with the residual add in its epilogue."""
+    import torch
+
+    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(mlp, "act_fn", None)
+    if type(mlp).__name__ not in _GATED_MLPS or type(act).__name__ not in _SILU_CLASSES \
+            or not all(_plain_linear(m) and m.bias is None for m in projections):
+        return lambda x, residual: residual + mlp(x)
+    wg, wu, wd = (m.weight.t() for m in projections)
+
+    def run(x: Any, residual: Any) -> Any:
+        gate = torch.nn.functional.silu(torch.mm(x, wg), inplace=True)
+        gate.mul_(torch.mm(x, wu))
+        return torch.addmm(residual, gate, wd)
+
+    return run
+
+
 def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *,
                      check_layer: int | None = 1) -> BlendStats:
     """Refresh the assembled cache in place for the plan's prefix ``[0, prefix_len)``, layer by layer.
@@ -342,6 +395,9 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
 
     in_norms = [_fast_norm(layer.input_layernorm) for layer in layers]
     post_norms = [_fast_norm(layer.post_attention_layernorm) for layer in layers]
+    qkv = [tuple(_proj(getattr(layer.self_attn, name)) for name in ("q_proj", "k_proj", "v_proj")) for layer in layers]
+    o_res = [_proj_residual(layer.self_attn.o_proj) for layer in layers]
+    mlp_res = [_mlp_residual(layer.mlp) for layer in layers]
     rotary = _rotary_fn(layers[0].self_attn)
     # The fused RoPE + cache store (semblend_core.rope_store: Triton on CUDA, its torch twin elsewhere) implements
     # exactly the rotate-half RoPE of these families; any other attention module keeps its own rotary function.
@@ -350,7 +406,7 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
     active = np.arange(total, dtype=np.int64) if check else mandatory
     pos_t = torch.as_tensor(active, device=device)
     ids = input_ids.to(device)
-    hidden = decoder.embed_tokens(ids[pos_t])[None]  # [1, n, hidden]
+    hidden = decoder.embed_tokens(ids[pos_t])  # [n, hidden]: 2-D end to end, so every projection is one mm
     cos, sin = decoder.rotary_emb(hidden, pos_t[None])  # recomputed only when the active set changes
     active_counts: list[int] = []
     full_rows = check  # active == every position (full causal attention is cheaper through SDPA)
@@ -359,10 +415,11 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
         attn = layer.self_attn
         head_dim = attn.head_dim
         x = in_norms[layer_idx](hidden)
-        n = x.shape[1]
-        q = attn.q_proj(x).view(n, -1, head_dim)  # token-major [n, heads, D] throughout
-        kk = attn.k_proj(x).view(n, -1, head_dim)
-        vv = attn.v_proj(x).view(n, -1, head_dim)
+        n = x.shape[0]
+        q_proj, k_proj, v_proj = qkv[layer_idx]
+        q = q_proj(x).view(n, -1, head_dim)  # token-major [n, heads, D] throughout
+        kk = k_proj(x).view(n, -1, head_dim)
+        vv = v_proj(x).view(n, -1, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
             q, kk = attn.q_norm(q), attn.k_norm(kk)
         if fused_rope and layer_idx != check_layer:
@@ -398,7 +455,7 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
         changed = next_active.size != active.size
         if changed:
             rows = torch.as_tensor(np.searchsorted(active, next_active), device=device)
-            q, hidden = q[rows], hidden[:, rows]
+            q, hidden = q[rows], hidden[rows]
             pos_t = torch.as_tensor(next_active, device=device)
             full_rows = False
         if full_rows:
@@ -413,8 +470,8 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
             )[0].transpose(0, 1)
         else:
             out = partial_attention(q, k[layer_idx], v[layer_idx], pos_t, scale=attn.scaling, check_positions=False)
-        hidden = hidden + attn.o_proj(out.reshape(1, out.shape[0], -1))
-        hidden = hidden + layer.mlp(post_norms[layer_idx](hidden))
+        hidden = o_res[layer_idx](out.reshape(out.shape[0], -1), hidden)
+        hidden = mlp_res[layer_idx](post_norms[layer_idx](hidden), hidden)
         active = next_active
         if changed and layer_idx < num_layers - 1:
             cos, sin = decoder.rotary_emb(hidden, pos_t[None])
@@ -422,6 +479,6 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
     stats = BlendStats(reuse_len, tuple(active_counts), check, mandatory_prefix)
     if not want_logits:
         return stats, None
-    last = decoder.norm(hidden[:, -1:])
+    last = decoder.norm(hidden[-1:])
     logits = model.get_output_embeddings()(last)
-    return stats, logits[0, -1].float()
+    return stats, logits[-1].float()
