@@ -27,6 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from semblend._rich import wide_console
 from semblend_core.config import SemBlendConfig
 from semblend_core.errors import ConfigError, MissingDependencyError, SemBlendError
 
@@ -34,7 +35,7 @@ app = typer.Typer(
     name="semblend", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="SemBlend: semantic KV-cache reuse planning. Run a command with --help for its options.",
 )
-_console = Console()
+_console = wide_console()
 _err = Console(stderr=True)
 
 _SET_HELP = "Override a SemBlendConfig field, e.g. --set min_reuse_ratio=0.7 (repeatable)."

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from semblend._rich import wide_console
 from semblend_core.config import SemBlendConfig
 
 logger = logging.getLogger(__name__)
@@ -177,10 +178,9 @@ def rows_to_dicts(rows: Sequence[DiscoveryRow]) -> list[dict[str, Any]]:
 def render_rows(rows: Sequence[DiscoveryRow], summary: Mapping[str, Any], console: Any = None,
                 title: str = "SemBlend discovery on ACLSum") -> None:
     """Rich table of ``rows`` and a one-paragraph summary."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or wide_console()
     table = Table(title=title)
     for col, justify in (("paper", "left"), ("asks", "left"), ("layout", "left"), ("has donor", "center"),
                          ("result", "left"), ("reuse", "right"), ("seams", "right"), ("tokens", "right"),

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from semblend._rich import wide_console
 from semblend_core.config import SemBlendConfig
 
 logger = logging.getLogger(__name__)
@@ -323,10 +324,9 @@ def run_lookup_bench(bench: LookupBenchConfig = LookupBenchConfig(), *,
 
 def render_lookup_result(result: Mapping[str, Any], console: Any = None) -> None:
     """Print ``result`` (from :func:`run_lookup_bench`) as rich tables."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or wide_console()
     table = Table(title="plan() latency, hits (no embedding)")
     for col in ("donors", "prompt tokens", "p50 ms", "p99 ms", "cpu p50", "discovery p50", "align p50",
                 "hit rate", "reuse"):

@@ -19,6 +19,8 @@ import statistics
 import time
 from typing import Any
 
+from semblend._rich import wide_console
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_demo"]
@@ -27,10 +29,9 @@ MAX_WORDS = 400  # ~550-token prompts: long enough to show reuse, short enough f
 
 
 def _fmt_rows(result: dict[str, Any], console: Any = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or wide_console()
     table = Table(title=f"SemBlend demo: {result['model']} on ACLSum ({result['device']})")
     for col, just in (("paper", "left"), ("phrasing", "right"), ("prompt tok", "right"), ("outcome", "left"),
                       ("reason", "left"),
