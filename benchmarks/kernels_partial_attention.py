@@ -23,10 +23,14 @@ import argparse
 import functools
 import json
 import math
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 SEAM_CHUNK = 512
