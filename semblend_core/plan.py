@@ -122,6 +122,11 @@ class SemanticKvPlan:
     covers, the first ``seam_recompute_tokens`` of every seam, fuzzy regions, and (always) the last prompt token so
     the engine produces fresh logits. ``layer_recompute[i]`` is the fraction of *reused* tokens to refresh at layer
     ``i`` (bathtub policy) on top of those; empty when the model's layer count is unknown.
+
+    One nuance: seam heads are KV that *can* be reused (the tokens match; only their left context differed), so
+    :func:`semblend_core.recompute.select_recompute` counts them against an explicit budget and may drop some when
+    the budget is tight; uncovered, fuzzy and suffix positions are never dropped. The transformers engine refreshes
+    every seam head the plan lists.
     """
 
     is_hit: bool
