@@ -6,13 +6,13 @@ Lifecycle for one hit (:class:`~semblend.integration.transformers.engine.SemBlen
    ``q/k/v/o_proj`` and optional ``q_norm``/``k_norm``, ``post_attention_layernorm``, ``mlp``), with full attention
    in every layer and RoPE whose re-rotation is exact. Anything else returns a decline reason.
 2. :func:`assemble_kv`: per layer, the target's KV ``[n, num_kv_heads, head_dim]`` (stored in the cache's own
-   layout) built from donor KV: every span's keys re-rotated by its ``delta``
-   (``semblend_core.rope_correction.rerotate_keys``), values copied; other rows stay zero until computed.
+   layout) built from donor KV: every span's keys re-rotated by its ``delta`` and values copied, all spans and
+   layers in one ``semblend_core.triton_kernels.rerotate_scatter`` call; other rows stay zero until computed.
 3. :func:`blend_prefill`: the custom layer loop. Each layer computes fresh Q/K/V only for its *active* positions
    (RoPE at their absolute positions with the model's own rotary code), writes the fresh K/V into the assembled
    cache, runs partial attention of those queries over the whole cache (``semblend_core.partial_attention``),
    then ``o_proj``, residual, ``post_attention_layernorm``, MLP, residual; after the last layer the final norm
-   and LM head on the last token give the logits. (:func:`recompute_layers` is the same loop over a prefix only.)
+   and LM head on the last token give the logits.
 
 Which positions are active (CacheBlend-style, with EPIC's seam heads):
 
@@ -44,7 +44,7 @@ from semblend_core.plan import SemanticKvPlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlendStats", "assemble_kv", "blend_prefill", "model_support", "recompute_layers"]
+__all__ = ["BlendStats", "assemble_kv", "blend_prefill", "model_support"]
 
 # Decoder families whose layers follow the Llama layout this loop reimplements (checked structurally as well).
 _MLA_MARKERS = ("kv_lora_rank", "q_lora_rank")
@@ -121,71 +121,32 @@ class BlendStats:
         return sum(self.active_per_layer)
 
 
-def assemble_kv(plan: SemanticKvPlan, donor_k: Any, donor_v: Any, prefix_len: int, spec: Any, *,
-                rope_correction: bool = True, device: Any = None, total_len: int | None = None,
-                donor_kv: Any = None) -> tuple[Any, Any]:
+def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any, *, rope_correction: bool = True,
+                total_len: int | None = None) -> tuple[Any, Any]:
     """Target KV for positions ``[0, total_len)`` with rows ``[0, prefix_len)`` filled from the donor's KV.
 
     Args:
-        donor_k, donor_v: ``[num_layers, donor_len, num_kv_heads, head_dim]`` (keys rotated at donor positions),
-            on any device; copied to ``device`` (default: the donor's).
+        donor_kv: the donor's stacked KV ``[num_layers, 2, donor_len, num_kv_heads, head_dim]`` (keys rotated at
+            donor positions; the ``KvTensorStore`` entry layout) on the device the result should live on. Every span
+            of every layer is gathered, re-rotated and scattered by one
+            ``semblend_core.triton_kernels.rerotate_scatter`` call (one Triton launch on CUDA, its torch twin
+            elsewhere).
         prefix_len: spans are used only below this position.
         total_len: rows to allocate (default ``prefix_len``); rows past ``prefix_len`` are zero, for the layer loop
             to fill.
         rope_correction: re-rotate moved keys by each span's delta. False exists only for the ablation that shows
             why it is needed.
-        donor_kv: the donor's stacked store entry ``[num_layers, 2, donor_len, num_kv_heads, head_dim]`` already on
-            ``device`` (``donor_k``/``donor_v`` are then ignored): every span of every layer is gathered,
-            re-rotated and scattered by one ``semblend_core.triton_kernels.rerotate_scatter`` call (one Triton
-            launch on CUDA, its torch twin elsewhere) instead of a few copies per span.
 
     Returns ``(k, v)``, each a ``[num_layers, total_len, num_kv_heads, head_dim]`` view in the donor's dtype whose
     storage is in the Hugging Face cache layout ``[num_layers, num_kv_heads, total_len, head_dim]``
     (``k.transpose(1, 2)`` is contiguous), so the cache is built without a copy. Rows no span covers are zero.
-    One re-rotation per span covering all layers (layers folded into the head axis).
     """
-    import torch
-
-    from semblend_core.rope_correction import rerotate_keys
-
-    if donor_kv is not None:
-        return _assemble_fused(plan, donor_kv, prefix_len, spec, rope_correction,
-                               prefix_len if total_len is None else int(total_len))
-    device = donor_k.device if device is None else torch.device(device)
-    num_layers, _, kv_heads, head_dim = donor_k.shape
-    total_len = prefix_len if total_len is None else int(total_len)
-    if total_len < prefix_len:
-        raise ValueError(f"total_len={total_len} < prefix_len={prefix_len}")
-    if donor_k.device != device:
-        # One contiguous host->device copy per tensor (full pinned-memory bandwidth); slicing tokens first would
-        # make strided views that torch stages through pageable memory.
-        donor_k = donor_k.to(device, non_blocking=True)
-        donor_v = donor_v.to(device, non_blocking=True)
-    k = torch.zeros((num_layers, kv_heads, total_len, head_dim), dtype=donor_k.dtype, device=device).transpose(1, 2)
-    v = torch.zeros_like(k.transpose(1, 2)).transpose(1, 2)
-    for span in plan.spans:
-        t0, t1 = span.target_start, min(span.target_end, prefix_len)
-        if t1 <= t0:
-            continue
-        d0, d1 = span.donor_start, span.donor_start + (t1 - t0)
-        src_k = donor_k[:, d0:d1]
-        v[:, t0:t1] = donor_v[:, d0:d1]
-        if span.delta != 0 and rope_correction:
-            # [L, T, H, D] -> [T, L*H, D]: one call moves every layer's keys of this span.
-            flat = src_k.permute(1, 0, 2, 3).reshape(t1 - t0, num_layers * kv_heads, head_dim)
-            flat = rerotate_keys(flat, span.delta, spec)
-            src_k = flat.reshape(t1 - t0, num_layers, kv_heads, head_dim).permute(1, 0, 2, 3)
-        k[:, t0:t1] = src_k
-    return k, v
-
-
-def _assemble_fused(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any, rope_correction: bool,
-                    total_len: int) -> tuple[Any, Any]:
     import torch
 
     from semblend_core.kv_layout import HF_CONTIGUOUS, KvCacheView
     from semblend_core.triton_kernels import rerotate_scatter
 
+    total_len = prefix_len if total_len is None else int(total_len)
     if total_len < prefix_len:
         raise ValueError(f"total_len={total_len} < prefix_len={prefix_len}")
     num_layers, _, _, kv_heads, head_dim = donor_kv.shape
@@ -312,23 +273,6 @@ def _mlp_residual(mlp: Any) -> Any:
     return run
 
 
-def recompute_layers(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *,
-                     check_layer: int | None = 1) -> BlendStats:
-    """Refresh the assembled cache in place for the plan's prefix ``[0, prefix_len)``, layer by layer.
-
-    Args:
-        input_ids: LongTensor ``[prefix_len]`` of target token ids for the prefix.
-        k, v: ``[num_layers, prefix_len, num_kv_heads, head_dim]`` from :func:`assemble_kv` (modified in place).
-        check_layer: layer whose fresh-vs-reused K/V deviation picks the budgeted tokens; ``None`` disables the
-            check (only the plan's mandatory positions are recomputed).
-
-    Returns :class:`BlendStats`. Nothing is computed when no prefix position needs fresh KV.
-    """
-    stats, _ = _layer_loop(model, input_ids, k, v, plan, reuse_len=int(input_ids.shape[0]),
-                           check_layer=check_layer, want_logits=False)
-    return stats
-
-
 def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *, reuse_len: int,
                   check_layer: int | None = 1) -> tuple[BlendStats, Any]:
     """The whole blended prefill in one pass over the layers: recomputed prefix tokens *and* the suffix.
@@ -344,14 +288,6 @@ def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPl
     the same loop (instead of the model's forward on the assembled cache) reads every weight once per hit, not
     twice, and halves the kernel launches.
     """
-    total = int(input_ids.shape[0])
-    if not 0 < reuse_len < total:
-        raise ValueError(f"reuse_len must lie in [1, {total}), got {reuse_len}")
-    return _layer_loop(model, input_ids, k, v, plan, reuse_len=reuse_len, check_layer=check_layer, want_logits=True)
-
-
-def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *, reuse_len: int,
-                check_layer: int | None, want_logits: bool) -> tuple[BlendStats, Any]:
     import torch
 
     from semblend_core.partial_attention import partial_attention
@@ -362,6 +298,8 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
     layers = decoder.layers
     num_layers = len(layers)
     total = int(input_ids.shape[0])
+    if not 0 < reuse_len < total:
+        raise ValueError(f"reuse_len must lie in [1, {total}), got {reuse_len}")
     device = k.device
 
     mandatory_mask = np.zeros(total, dtype=bool)
@@ -388,10 +326,8 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
         counts = [0] * num_layers
         check_layer = -1
 
-    mandatory = np.flatnonzero(mandatory_mask)
+    mandatory = np.flatnonzero(mandatory_mask)  # never empty: the suffix [reuse_len, total) is in it
     mandatory_prefix = int(np.searchsorted(mandatory, reuse_len))
-    if not check and mandatory.size == 0:
-        return BlendStats(reuse_len, tuple([0] * num_layers), False, 0), None
 
     in_norms = [_fast_norm(layer.input_layernorm) for layer in layers]
     post_norms = [_fast_norm(layer.post_attention_layernorm) for layer in layers]
@@ -441,10 +377,8 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
         active_counts.append(int(np.searchsorted(active, reuse_len)))  # prefix rows only; the suffix is counted apart
 
         # A token's attention and MLP at this layer are needed only if it is still active at the next layer; at
-        # the last layer only the last token's (its hidden state gives the logits), or none.
+        # the last layer only the last token's (its hidden state gives the logits).
         if layer_idx == num_layers - 1:
-            if not want_logits:
-                break
             next_active = active[-1:]
         elif check and layer_idx >= check_layer:
             next_active = np.union1d(mandatory, ranked[:counts[layer_idx + 1]])
@@ -477,8 +411,6 @@ def _layer_loop(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan
             cos, sin = decoder.rotary_emb(hidden, pos_t[None])
     active_counts += [0] * (num_layers - len(active_counts))
     stats = BlendStats(reuse_len, tuple(active_counts), check, mandatory_prefix)
-    if not want_logits:
-        return stats, None
     last = decoder.norm(hidden[-1:])
     logits = model.get_output_embeddings()(last)
     return stats, logits[-1].float()

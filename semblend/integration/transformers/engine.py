@@ -334,7 +334,8 @@ class SemBlendEngine:
         if plan.target_len != len(ids):
             raise ValueError(f"plan.target_len={plan.target_len} but the prompt has {len(ids)} tokens")
         start = time.perf_counter()
-        return self._materialize(ids, plan, donor_k, donor_v, start, 0.0, "explicit", None)
+        return self._materialize(ids, plan, self._torch.stack((donor_k, donor_v), dim=1), start, 0.0, "explicit",
+                                 None)
 
     def cold_prefill(self, prompt_ids: Sequence[int]) -> PrefillResult:
         """A plain prefill (no planning, no donation): the baseline."""
@@ -433,8 +434,7 @@ class SemBlendEngine:
             # The lease pins the donor's KV for the whole materialization: eviction cannot pull it away.
             with self.kv_store.lease(self.namespace.key, str(plan.donor_id)) as donor:
                 donor.wait()
-                result = self._materialize(ids, plan, None, None, start, plan_s, request_id, plan.donor_id,
-                                           donor_kv=donor.kv)
+                result = self._materialize(ids, plan, donor.kv, start, plan_s, request_id, plan.donor_id)
         except DonorKvMissingError:
             self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_DONOR_KV_EVICTED)
             return self._cold(ids, start, plan, Outcome.DECLINED, REASON_DONOR_KV_EVICTED, request_id, plan_s=plan_s)
@@ -448,19 +448,15 @@ class SemBlendEngine:
         self.pipeline.record_outcome(plan, Outcome.MATERIALIZED, loaded_tokens=plan.reused_tokens)
         return result
 
-    def _materialize(self, ids: list[int], plan: SemanticKvPlan, donor_k: Any, donor_v: Any, start: float,
-                     plan_s: float, request_id: str, donor_id: str | None, *, donor_kv: Any = None
-                     ) -> PrefillResult:
-        """``donor_kv``: a store entry ``[L, 2, T, H, D]`` instead of ``donor_k``/``donor_v`` (copied to the device
-        inside the ``load`` timing)."""
+    def _materialize(self, ids: list[int], plan: SemanticKvPlan, donor_kv: Any, start: float, plan_s: float,
+                     request_id: str, donor_id: str | None) -> PrefillResult:
+        """``donor_kv``: the donor's ``[L, 2, T, H, D]`` KV on any device (copied to the model's inside ``load``)."""
         torch = self._torch
         t0 = time.perf_counter()
-        if donor_kv is not None:
-            if donor_kv.device != self.device:
-                # One contiguous copy of the whole entry at pinned-memory bandwidth: the strided k/v halves would be
-                # staged through pageable memory (about 10x slower on the H100 host, measured).
-                donor_kv = donor_kv.to(self.device, non_blocking=True)
-            donor_k, donor_v = donor_kv[:, 0], donor_kv[:, 1]
+        if donor_kv.device != self.device:
+            # One contiguous copy of the whole entry at pinned-memory bandwidth: the strided k/v halves would be
+            # staged through pageable memory (about 10x slower on the H100 host, measured).
+            donor_kv = donor_kv.to(self.device, non_blocking=True)
         n = len(ids)
         if not plan.spans:
             raise ValueError("a materialized plan needs at least one span")
@@ -468,14 +464,13 @@ class SemBlendEngine:
         prefix_len = min(max(s.target_end for s in plan.spans), n - min(self.options.suffix_tokens, n))
         if prefix_len <= 0:
             raise ValueError("nothing to reuse before the last prompt token")
-        if any(s.donor_end > donor_k.shape[1] for s in plan.spans):
-            raise ValueError(f"plan spans exceed the donor KV ({donor_k.shape[1]} tokens)")
-        if donor_k.shape[0] != self.num_layers:
-            raise ValueError(f"donor KV has {donor_k.shape[0]} layers, the model {self.num_layers}")
+        if any(s.donor_end > donor_kv.shape[2] for s in plan.spans):
+            raise ValueError(f"plan spans exceed the donor KV ({donor_kv.shape[2]} tokens)")
+        if donor_kv.shape[0] != self.num_layers:
+            raise ValueError(f"donor KV has {donor_kv.shape[0]} layers, the model {self.num_layers}")
         with torch.no_grad():
-            k, v = assemble_kv(plan, donor_k, donor_v, prefix_len, self.rope_spec,
-                               rope_correction=self.options.rope_correction, device=self.device, total_len=n,
-                               donor_kv=donor_kv)
+            k, v = assemble_kv(plan, donor_kv, prefix_len, self.rope_spec,
+                               rope_correction=self.options.rope_correction, total_len=n)
             _sync(self.device)
             t1 = time.perf_counter()
             # One pass over the layers: recomputed prefix tokens and the suffix together; logits of the last token.
