@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 from types import ModuleType
 
 from semblend_core.errors import MissingDependencyError
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_module(name: str) -> bool:
     """True if ``name`` can be imported (without importing it). Blocked modules (``sys.modules[name] = None``) count as absent."""
     import sys
@@ -37,3 +38,14 @@ def require(name: str, extra: str) -> ModuleType:
         raise MissingDependencyError(
             f"{name} could not be imported ({exc}); pip install 'semblend[{extra}]'"
         ) from exc
+
+
+def triton_kernel_runs_on(device_type: str) -> bool:
+    """True when this package's Triton kernels run for tensors on a device of type ``device_type``: CUDA with
+    triton installed, or CPU through Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before triton
+    is imported). Each kernel module's ``kernel_available`` answers through this one rule."""
+    if not has_module("triton"):
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -25,9 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 
-from semblend_core._compat import has_module, require
+from semblend_core._compat import require, triton_kernel_runs_on
 
 torch = require("torch", extra="gpu")
 
@@ -109,12 +108,7 @@ def partial_attention_reference(q, k, v, q_positions, *, scale: float | None = N
 
 def kernel_available(device) -> bool:
     """True when :func:`partial_attention` would run the Triton kernel for tensors on ``device``."""
-    device = torch.device(device)
-    if not has_module("triton"):
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_kernel_runs_on(torch.device(device).type)
 
 
 @functools.cache

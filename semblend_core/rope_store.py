@@ -23,9 +23,8 @@ before triton was imported -- and otherwise :func:`rope_store_reference`, the to
 from __future__ import annotations
 
 import functools
-import os
 
-from semblend_core._compat import has_module, require
+from semblend_core._compat import has_module, require, triton_kernel_runs_on
 
 torch = require("torch", extra="gpu")
 
@@ -138,12 +137,7 @@ def rope_store_reference(q, k, v, cos, sin, positions, k_cache, v_cache, *, q_ou
 
 def kernel_available(device) -> bool:
     """True when :func:`rope_store` would run the Triton kernel for tensors on ``device``."""
-    device = torch.device(device)
-    if not has_module("triton"):
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_kernel_runs_on(torch.device(device).type)
 
 
 def _next_pow2(x: int) -> int:
