@@ -13,14 +13,11 @@ through ``_launch(splits=...)``; on CUDA the wrapper's heuristic picks it for fe
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import triton_interpreter
 
 torch = pytest.importorskip("torch")
 
@@ -30,7 +27,6 @@ from semblend_core.partial_attention import (
     partial_attention_reference,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATOL = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
@@ -174,34 +170,16 @@ def interp_cases() -> list[dict]:
     return cases
 
 
-_SUBPROCESS = """
-import json, sys
-sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
-import test_partial_attention as t
-cases = json.load(sys.stdin)
-print(json.dumps([t.run_case(c) for c in cases]))
-"""
-
-
 @pytest.fixture(scope="module")
 def interp_results():
-    pytest.importorskip("triton")
-    cases = interp_cases()
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SUBPROCESS, str(ROOT), str(Path(__file__).parent)],
-        input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=300, check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter subprocess failed:\n{proc.stderr[-4000:]}")
-    return dict(zip((json.dumps(c, sort_keys=True) for c in cases), json.loads(proc.stdout.strip().splitlines()[-1])))
+    return triton_interpreter.run_cases("test_partial_attention", interp_cases())
 
 
 @pytest.mark.parametrize("case", interp_cases(), ids=lambda c: f"{c['dtype']}-q{c['num_q']}-h{c['heads']}/{c['kv_heads']}"
                          f"-d{c['head_dim']}-n{c['kv_len']}-{c['positions']}-{c['layout']}"
                          + ("-tiles" if c.get("blocks") else "") + (f"-s{c['splits']}" if c.get("splits") else ""))
 def test_kernel_interpreter(case, interp_results):
-    check(case, interp_results[json.dumps(case, sort_keys=True)])
+    check(case, interp_results[triton_interpreter.case_key(case)])
 
 
 # --------------------------------------------------------------------------- reference and wrapper (no triton)

@@ -13,19 +13,15 @@ cases run in one subprocess per module; a Qwen2.5-7B-sized case runs on CUDA und
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import triton_interpreter
 
 torch = pytest.importorskip("torch")
 
 from semblend_core.rope_store import kernel_available, rope_store, rope_store_reference
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {"float32": {"atol": 1e-5, "rtol": 1e-5}, "bfloat16": {"atol": 1e-2, "rtol": 1e-2},
        "float16": {"atol": 1e-2, "rtol": 1e-2}}
@@ -144,27 +140,9 @@ def interp_cases() -> list[dict]:
     return cases
 
 
-_SUBPROCESS = """
-import json, sys
-sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
-import test_rope_store as t
-cases = json.load(sys.stdin)
-print(json.dumps([t.run_case(c) for c in cases]))
-"""
-
-
 @pytest.fixture(scope="module")
 def interp_results():
-    pytest.importorskip("triton")
-    cases = interp_cases()
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SUBPROCESS, str(ROOT), str(Path(__file__).parent)],
-        input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=300, check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter subprocess failed:\n{proc.stderr[-4000:]}")
-    return dict(zip((json.dumps(c, sort_keys=True) for c in cases), json.loads(proc.stdout.strip().splitlines()[-1])))
+    return triton_interpreter.run_cases("test_rope_store", interp_cases())
 
 
 def _case_id(c: dict) -> str:
@@ -174,7 +152,7 @@ def _case_id(c: dict) -> str:
 
 @pytest.mark.parametrize("case", interp_cases(), ids=_case_id)
 def test_kernel_interpreter(case, interp_results):
-    check(case, interp_results[json.dumps(case, sort_keys=True)])
+    check(case, interp_results[triton_interpreter.case_key(case)])
 
 
 # --------------------------------------------------------------------------- reference (no triton)
