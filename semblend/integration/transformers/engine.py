@@ -63,8 +63,8 @@ class EngineOptions:
     * ``donate_materialized``: whether a prompt served from donor KV becomes a donor itself. Off by default: its KV
       is an approximation of a cold prefill, and a chain of such donors would compound the error; prompts that
       ran cold always donate.
-    * ``suffix_tokens``: the last this-many prompt tokens always run fresh through the model's own forward, even
-      when a span covers them (at least the last one). In chat prompts they are the assistant header, which
+    * ``suffix_tokens``: the last this-many prompt tokens are always computed fresh at every layer, even when a
+      span covers them (at least the last one). In chat prompts they are the assistant header, which
       steers the first answer token; refreshing a few costs almost nothing.
     * ``kv_capacity_bytes`` / ``kv_tier``: donor KV store (``semblend_core.kv_tensor_store``) size, on the model's
       device or in (pinned) host memory; ``host`` donors are copied to the device by every hit.
@@ -421,11 +421,18 @@ class SemBlendEngine:
         return PrefillResult(tuple(ids), cache, logits, outcome, reason, plan, MappingProxyType(timings), 1.0,
                              request_id=request_id)
 
+    def _reuse_end(self, plan: SemanticKvPlan, n: int) -> int:
+        """End of the reused region of an ``n``-token prompt: the last span's end, kept clear of the always-fresh
+        suffix; ``<= 0`` when nothing is left to reuse."""
+        if not plan.spans:
+            return 0
+        return min(max(s.target_end for s in plan.spans), n - min(self.options.suffix_tokens, n))
+
     def _materialize_or_cold(self, ids: list[int], plan: SemanticKvPlan, start: float, plan_s: float,
                              request_id: str) -> PrefillResult:
         from semblend_core.kv_tensor_store import DonorKvMissingError
 
-        if not plan.spans or min(max(sp.target_end for sp in plan.spans), len(ids) - self.options.suffix_tokens) <= 0:
+        if self._reuse_end(plan, len(ids)) <= 0:
             # Everything reusable lies inside the always-fresh suffix: a prefill is all there is to do.
             self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_NOTHING_BEFORE_SUFFIX)
             return self._cold(ids, start, plan, Outcome.DECLINED, REASON_NOTHING_BEFORE_SUFFIX, request_id,
@@ -460,8 +467,7 @@ class SemBlendEngine:
         n = len(ids)
         if not plan.spans:
             raise ValueError("a materialized plan needs at least one span")
-        # Reused region ends at the last span; the rest (and always the last token) is the suffix.
-        prefix_len = min(max(s.target_end for s in plan.spans), n - min(self.options.suffix_tokens, n))
+        prefix_len = self._reuse_end(plan, n)
         if prefix_len <= 0:
             raise ValueError("nothing to reuse before the last prompt token")
         if any(s.donor_end > donor_kv.shape[2] for s in plan.spans):
