@@ -2,9 +2,10 @@
 
 Lifecycle for one hit (:class:`~semblend.integration.transformers.engine.SemBlendEngine` drives it):
 
-1. :func:`model_support` once per model: the decoder must be Llama-shaped (``input_layernorm``, ``self_attn`` with
-   ``q/k/v/o_proj`` and optional ``q_norm``/``k_norm``, ``post_attention_layernorm``, ``mlp``), with full attention
-   in every layer and RoPE whose re-rotation is exact. Anything else returns a decline reason.
+1. :func:`model_support` once per model: the family must be on ``semblend_core.model_support``'s allowlist
+   (Llama, Mistral, Qwen2, Qwen3: every per-layer operation implemented below), with full attention in every
+   layer and RoPE whose re-rotation is exact, and its modules exactly that family's transformers classes.
+   Anything else returns a decline reason. The engine then runs a start-up self-check on the real weights.
 2. :func:`assemble_kv`: per layer, the target's KV ``[n, num_kv_heads, head_dim]`` (stored in the cache's own
    layout) built from donor KV: every span's keys re-rotated by its ``delta`` and values copied, all spans and
    layers in one ``semblend_core.triton_kernels.rerotate_scatter`` call; other rows stay zero until computed.
@@ -46,44 +47,47 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BlendStats", "assemble_kv", "blend_prefill", "model_support"]
 
-# Decoder families whose layers follow the Llama layout this loop reimplements (checked structurally as well).
-_MLA_MARKERS = ("kv_lora_rank", "q_lora_rank")
-
-
 def model_support(model: Any) -> tuple[bool, str, Any]:
-    """``(supported, reason, rope_spec)`` for a transformers causal LM. Pure; call once per model.
+    """``(supported, reason, rope_spec)`` for a transformers causal LM, from its config and modules. Pure; call
+    once per model (the engine adds the start-up self-check on top, see ``SemBlendEngine``).
 
-    Declines (reason strings are stable): ``mla_latent_kv`` (DeepSeek-style latent KV), ``sliding_window_layers``,
-    ``chunked_attention_layers``, ``nope_layers``, the RoPE spec's own reason when re-rotation is not exact
-    (``rope_not_shift_invariant``...), ``unsupported_layer_structure:<what>``.
+    First :func:`semblend_core.model_support.check_model_config` (the family allowlist, foreign knobs, RoPE and
+    attention layout: its reasons), then the modules: the model, its decoder, every decoder layer, attention, MLP
+    and norm must be exactly the allowed family's transformers classes (a subclass or a custom model registered
+    under a known ``model_type`` may compute something else), declining with
+    ``unsupported_layer_structure:<what>``.
     """
-    from semblend_core.rope_correction import rope_spec_from_config
+    from semblend_core.model_support import SUPPORTED_MODEL_TYPES, check_model_config
 
-    config = model.config
-    if any(getattr(config, m, None) for m in _MLA_MARKERS):
-        return False, "mla_latent_kv", None
-    try:
-        spec = rope_spec_from_config(config)
-    except Exception as exc:  # unreadable config: decline rather than guess
-        return False, f"rope_config_unreadable:{type(exc).__name__}", None
-    if not spec.exact:
-        return False, spec.reason or "rope_not_shift_invariant", spec
-    if spec.sliding_window_layers:
-        return False, "sliding_window_layers", spec
-    if spec.chunked_attention_layers:
-        return False, "chunked_attention_layers", spec
-    if spec.nope_layers:
-        return False, "nope_layers", spec
+    support = check_model_config(model.config)
+    spec = support.rope_spec
+    if not support.supported:
+        return False, support.reason, spec
+    family = SUPPORTED_MODEL_TYPES[support.model_type]
+    module = f"transformers.models.{support.model_type}.modeling_{support.model_type}"
+
+    def exact(obj: Any, cls: str) -> bool:
+        return type(obj).__name__ == cls and type(obj).__module__ == module
+
+    if not exact(model, f"{family}ForCausalLM"):
+        return False, f"unsupported_layer_structure:model_class:{type(model).__name__}", spec
     try:
         decoder = model.get_decoder()
     except Exception:
         return False, "unsupported_layer_structure:no_decoder", spec
+    if not exact(decoder, f"{family}Model"):
+        return False, f"unsupported_layer_structure:decoder_class:{type(decoder).__name__}", spec
     for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if not hasattr(decoder, name):
             return False, f"unsupported_layer_structure:no_{name}", spec
+    if not exact(decoder.norm, f"{family}RMSNorm"):
+        return False, f"unsupported_layer_structure:norm_class:{type(decoder.norm).__name__}", spec
     for i, layer in enumerate(decoder.layers):
-        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
-            if not hasattr(layer, name):
+        if not exact(layer, f"{family}DecoderLayer"):
+            return False, f"unsupported_layer_structure:layer{i}:{type(layer).__name__}", spec
+        for name, cls in (("input_layernorm", "RMSNorm"), ("self_attn", "Attention"),
+                          ("post_attention_layernorm", "RMSNorm"), ("mlp", "MLP")):
+            if not exact(getattr(layer, name, None), family + cls):
                 return False, f"unsupported_layer_structure:layer{i}.{name}", spec
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"):

@@ -20,8 +20,10 @@ Lifecycle of one ``generate`` call::
 ``P`` is the end of the last reused span (at most ``len(ids) - suffix_tokens``): everything after it is the suffix,
 computed fresh at every layer in the same pass (each weight is read once per hit).
 
-Unsupported models (sliding-window, chunked or NoPE layers, RoPE whose re-rotation is not exact, MLA) still
-generate, always cold, with outcome ``declined`` and the reason. Works on CPU and CUDA; one request at a time.
+Supported models: the families of ``semblend_core.model_support.SUPPORTED_MODEL_TYPES`` (Llama, Mistral, Qwen2,
+Qwen3) with full attention and exactly re-rotatable RoPE, whose start-up self-check passes (a probe prompt's
+blended prefill equals its cold prefill). Every other model (other families, sliding-window, chunked or NoPE layers,
+RoPE whose re-rotation is not exact, MLA) still generates, always cold, with outcome ``declined`` and the reason. Works on CPU and CUDA; one request at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -50,6 +53,8 @@ _MISS_OUTCOMES = {
 }
 REASON_DONOR_KV_EVICTED = "donor_kv_evicted"
 REASON_NOTHING_BEFORE_SUFFIX = "nothing_before_suffix"
+# model -> {(dtype, device, options...): (reason, report)}: the self-check runs once per model and setting.
+_SELF_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,11 @@ class EngineOptions:
     * ``kv_capacity_bytes`` / ``kv_tier``: donor KV store (``semblend_core.kv_tensor_store``) size, on the model's
       device or in (pinned) host memory; ``host`` donors are copied to the device by every hit.
     * ``namespace``: cache namespace of this engine (default: built from the model and tokenizer).
+    * ``self_check``: at start-up, run a short probe prompt through the blended prefill (an exact prefix, and a
+      seamed self-donor through the recompute path) and compare with a cold prefill
+      (``semblend_core.model_support.compare_self_check``); a model that fails declines every prompt with
+      ``self_check_failed:<what>``. Costs three prefills of a few dozen tokens, once per model, dtype and device.
+      Off only for tests that need a deliberately broken loop.
     """
 
     check_layer: int | None = 1
@@ -78,8 +88,11 @@ class EngineOptions:
     kv_capacity_bytes: int = 2 << 30
     kv_tier: str = "device"
     namespace: CacheNamespace | None = None
+    self_check: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.self_check, bool):
+            raise ValueError(f"EngineOptions.self_check={self.self_check!r}; allowed: True, False")
         if self.check_layer is not None and (isinstance(self.check_layer, bool) or not isinstance(
                 self.check_layer, int) or self.check_layer < 0):
             raise ValueError(f"EngineOptions.check_layer={self.check_layer!r}; allowed: None or an integer >= 0")
@@ -215,6 +228,68 @@ class SemBlendEngine:
                                       device=self.device if on_device else None)
         self._ids = itertools.count()
         self._torch = torch
+        self.self_check_report: Mapping[str, float] = MappingProxyType({})
+        if self.supported and self.options.self_check:
+            reason, report = self._cached_self_check()
+            self.self_check_report = MappingProxyType(report)
+            if reason:
+                self.supported, self.unsupported_reason = False, reason
+                logger.warning("SemBlend declines this model: its blended prefill does not reproduce a cold "
+                               "prefill (%s, %s); every prompt runs a normal prefill", reason, report)
+
+    def _cached_self_check(self) -> tuple[str, dict[str, float]]:
+        key = (str(self.dtype), str(self.device), self.options.check_layer, self.options.rope_correction,
+               self.options.suffix_tokens)
+        per_model = _SELF_CHECKS.setdefault(self.model, {})
+        if key not in per_model:
+            per_model[key] = self._self_check()
+        return per_model[key]
+
+    def _self_check(self) -> tuple[str, dict[str, float]]:
+        """``(reason, relative errors)``: blended prefills of a probe prompt against its cold prefill.
+
+        Two plans over the probe's own KV (so every reused row is exactly what a cold prefill computes): an exact
+        prefix (only the suffix runs through the loop), and the same tokens as two spans with a seam (delta 0)
+        and a 50% budget, which runs the recompute path (deviation check, nested active sets). Any difference
+        beyond rounding means the loop computes something the model does not.
+        """
+        from semblend_core.model_support import compare_self_check, self_check_tolerance
+        from semblend_core.pipeline import recompute_ranges
+        from semblend_core.plan import Span
+
+        torch = self._torch
+        n = max(32, 2 * self.options.suffix_tokens + 16)
+        vocab = int(self.model.get_input_embeddings().num_embeddings)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(min(3, vocab - 1), vocab, (n,), generator=gen).tolist()
+        half = n // 2
+        cases = {
+            "exact_prefix": ((Span(0, 0, n),), ((n - 1, n),), 0.0),
+            "recompute_path": ((Span(0, 0, half), Span(half, half, n - half)),
+                               recompute_ranges((Span(0, 0, half), Span(half, half, n - half)), n, 2), 0.5),
+        }
+        report: dict[str, float] = {"tolerance": self_check_tolerance(self.dtype), "probe_tokens": float(n)}
+        try:
+            cold = self.cold_prefill(ids)
+            k, v = self.donor_kv(cold)
+            for name, (spans, ranges, budget) in cases.items():
+                plan = SemanticKvPlan(True, Reason.HIT, n, self.namespace, donor_id="self-check", donor_len=n,
+                                      spans=spans, recompute_ranges=ranges, recompute_budget=budget,
+                                      layer_recompute=(budget,) * self.num_layers if budget else ())
+                res = self.prefill_with_plan(ids, plan, k, v)
+                start = self._reuse_end(plan, n)
+                rk, rv = self.donor_kv(res)
+                suffix_ref, suffix_got = torch.stack((k, v))[:, :, start:], torch.stack((rk, rv))[:, :, start:]
+                for what, ref, got in (("logits", cold.logits, res.logits), ("suffix_kv", suffix_ref, suffix_got)):
+                    reason, err = compare_self_check(ref.float().cpu().numpy(), got.float().cpu().numpy(),
+                                                     self.dtype, what=f"{name}_{what}")
+                    report[f"{name}_{what}"] = err
+                    if reason:
+                        return reason, report
+        except Exception as exc:  # noqa: BLE001 - a loop that crashes on this model is a decline, not a failure
+            logger.debug("self-check failure", exc_info=True)
+            return f"self_check_failed:{type(exc).__name__}", report
+        return "", report
 
     def _default_namespace(self, text_config: Any) -> CacheNamespace:
         rope = {k: getattr(text_config, k, None) for k in ("rope_parameters", "rope_scaling", "rope_theta",
