@@ -1,7 +1,10 @@
 """Donor store: the requests whose KV may be reused, indexed for sub-millisecond discovery.
 
 Lifecycle: ``register(donor_id, tokens, namespace, embedding)`` -> ``candidates(tokens, namespace)`` /
-``nearest(embedding, namespace)`` -> ``get(slot)`` -> (``pin``/``unpin`` around an in-flight load) -> LRU eviction.
+``nearest(embedding, namespace)`` -> ``get(slot)`` -> (``pin``/``unpin`` around an in-flight load) -> LRU eviction
+or ``remove``. Every donor that leaves (either way) is reported to the eviction listeners
+(``add_eviction_listener``), after the store's lock is released: ``SemBlendPipeline.attach_kv_store`` uses them so
+that the donor's KV leaves with it (one donor lifetime for planner and KV store).
 
 * Capacity ``max_donors`` across all namespaces, LRU order; a donor in use (pinned) is never evicted. Slots are
   reused after eviction; every slot carries a generation number and index entries remember the generation they
@@ -20,8 +23,11 @@ Thread safety: one lock guards all state; ``candidates`` and ``nearest`` hold it
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +35,11 @@ import numpy as np
 from semblend_core.alignment import DonorHashes
 from semblend_core.errors import DuplicateDonorError, StoreFullError
 from semblend_core.fingerprint import anchors, bottom_k
+
+logger = logging.getLogger(__name__)
+
+# Called as listener(namespace_key, donor_id, tokens) for every donor that leaves the store.
+EvictionListener = Callable[[str, str, np.ndarray], None]
 
 _GEN_BITS = 24
 _GEN_MASK = (1 << _GEN_BITS) - 1
@@ -151,6 +162,18 @@ class _AnchorIndex:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
 
+def _reports_departures(method: Callable) -> Callable:
+    """Run a ``DonorStore`` method, then report the donors it evicted to the listeners (outside the lock)."""
+    @functools.wraps(method)
+    def wrapper(self: DonorStore, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._gone:
+                self._report()
+    return wrapper
+
+
 def _valid(packed: np.ndarray, slot_generation: np.ndarray) -> np.ndarray:
     slots = packed >> _GEN_BITS
     return slot_generation[slots] == (packed & _GEN_MASK)
@@ -188,17 +211,46 @@ class DonorStore:
 
             self._ann = create_ann_index(ann_backend, embedding_dim or 0)
         self.evictions = 0
+        self._listeners: list[EvictionListener] = []
+        self._gone: list[tuple[str, str, np.ndarray]] = []  # departures not yet reported to the listeners
+        self._doomed: set[int] = set()  # slots removed while pinned: freed on their last unpin
+
+    # ----------------------------------------------------------------- lifetime
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
+        """Call ``listener(namespace_key, donor_id, tokens)`` for every donor that leaves the store (LRU eviction
+        or ``remove``), outside the store's lock, in departure order. A listener's exception is logged, not
+        raised: the store's own state is already consistent."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _report(self) -> None:
+        """Hand pending departures to the listeners. Call without holding the lock."""
+        with self._lock:
+            gone, self._gone = self._gone, []
+            listeners = list(self._listeners)
+        for ns_key, donor_id, tokens in gone:
+            for listener in listeners:
+                try:
+                    listener(ns_key, donor_id, tokens)
+                except Exception:  # noqa: BLE001 - a listener must not break registration
+                    logger.warning("donor store: eviction listener failed for %s", donor_id, exc_info=True)
+
+    def keys(self, namespace_key: str | None = None) -> list[tuple[str, str]]:
+        """Registered ``(namespace_key, donor_id)`` pairs, least recently used first, optionally of one namespace."""
+        with self._lock:
+            return [key for key in self._lru if namespace_key is None or key[0] == namespace_key]
 
     # ----------------------------------------------------------------- registration
     def __len__(self) -> int:
         with self._lock:
             return len(self._lru)
 
+    @_reports_departures
     def register(self, donor_id: str, tokens: np.ndarray, namespace_key: str, text: str | None = None,
                  embedding: np.ndarray | None = None) -> DonorRecord:
         """Add a donor (tokens validated by the caller). Re-registering identical tokens refreshes its LRU position;
         different tokens under the same id raise ``DuplicateDonorError``. Evicts the least recently used unpinned
-        donor when full; raises ``StoreFullError`` if every donor is pinned."""
+        donor when full (reported to the eviction listeners); raises ``StoreFullError`` if every donor is pinned."""
         key = (namespace_key, donor_id)
         h, pos = anchors(tokens, self.k, self.w)  # computed outside the lock: the expensive part
         sketch = bottom_k(h, self.sketch_size)
@@ -275,8 +327,12 @@ class DonorStore:
         self._emb_ok[slot] = False
         if self._ann is not None:
             self._ann.remove(slot)
-        self._free.append(slot)
+        if self._pins.get(slot, 0):
+            self._doomed.add(slot)  # an in-flight load still counts on it: the slot is reused after its last unpin
+        else:
+            self._free.append(slot)
         if rec is not None:
+            self._gone.append((rec.namespace_key, rec.donor_id, rec.tokens))
             index = self._indexes.get(rec.namespace_key)
             if index is not None:
                 index.stale += rec.sketch_size
@@ -284,12 +340,24 @@ class DonorStore:
                 if index.stale > max(4096, index.live):
                     index.compact(self._slot_generation)
 
-    def remove(self, donor_id: str, namespace_key: str) -> bool:
+    @_reports_departures
+    def remove(self, donor_id: str, namespace_key: str, *, tokens: np.ndarray | None = None,
+               force: bool = False) -> bool:
+        """Forget a donor (reported to the eviction listeners); False when it is not registered.
+
+        ``tokens``: remove it only if it holds exactly these tokens (a caller retiring *one* donor must not take
+        another that reused its id). A pinned donor raises ``StoreFullError`` unless ``force``: then it leaves
+        every lookup now and its slot is reused after the last ``unpin`` (for when its KV is already gone).
+        """
         with self._lock:
             slot = self._lru.get((namespace_key, donor_id))
             if slot is None:
                 return False
-            if self._pins.get(slot, 0):
+            if tokens is not None:
+                rec = self._records[slot]
+                if rec is None or not np.array_equal(rec.tokens, np.asarray(tokens)):
+                    return False
+            if self._pins.get(slot, 0) and not force:
                 raise StoreFullError(f"donor {donor_id!r} is pinned by an in-flight load")
             self._remove_slot((namespace_key, donor_id), slot)
             return True
@@ -368,6 +436,9 @@ class DonorStore:
             count = self._pins.get(record.slot, 0)
             if count <= 1:
                 self._pins.pop(record.slot, None)
+                if record.slot in self._doomed:
+                    self._doomed.discard(record.slot)
+                    self._free.append(record.slot)
             else:
                 self._pins[record.slot] = count - 1
 

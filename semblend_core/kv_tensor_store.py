@@ -24,6 +24,9 @@ Rules:
 * Leasing an entry that sits on the host promotes it to the device tier when room can be made: the copy runs on a
   side CUDA stream from pinned memory and records an event; :meth:`DonorKv.wait` makes the consumer's stream wait on
   it. The source stays referenced until the event has completed.
+* Every entry that leaves the store (dropped for room, or :meth:`evict`) is reported to the eviction listeners
+  (:meth:`add_eviction_listener`) after the lock is released; demotion to the host is not a departure.
+  ``SemBlendPipeline.attach_kv_store`` uses this so the planner forgets a donor whose KV is gone.
 * Thread-safe: one lock guards the index; copies that move an entry between tiers run under it (``put`` and
   demotion are management calls, not per-token hot paths).
 
@@ -33,10 +36,11 @@ Needs torch (the ``gpu`` extra); runs on CPU only, where pinned memory and strea
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -150,6 +154,18 @@ class _Entry:
         return DonorKv(self.ns_key, self.donor_id, self.kv, self.token_ids, self.tier, self.ready)
 
 
+def _reports_departures(method: Callable) -> Callable:
+    """Run a ``KvTensorStore`` method, then report the entries it removed to the listeners (outside the lock)."""
+    @functools.wraps(method)
+    def wrapper(self: KvTensorStore, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._gone:
+                self._report()
+    return wrapper
+
+
 def _stack_kv(kv: Any, num_tokens: int) -> Any:
     """Normalize to one ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` tensor (stacked input kept as is)."""
     if isinstance(kv, torch.Tensor):
@@ -209,6 +225,25 @@ class KvTensorStore:
         self._inflight: list[_Entry] = []
         self._side_stream = None
         self._counters = {"hits": 0, "misses": 0, "evictions": 0, "demotions": 0, "promotions": 0}
+        self._listeners: list[Callable[[str, str, np.ndarray], None]] = []
+        self._gone: list[tuple[str, str, np.ndarray]] = []  # departures not yet reported to the listeners
+
+    def add_eviction_listener(self, listener: Callable[[str, str, np.ndarray], None]) -> None:
+        """Call ``listener(ns_key, donor_id, token_ids)`` for every entry that leaves the store (dropped to make
+        room, or evicted), outside the store's lock. A listener's exception is logged, never raised."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _report(self) -> None:
+        with self._lock:
+            gone, self._gone = self._gone, []
+            listeners = list(self._listeners)
+        for ns_key, donor_id, token_ids in gone:
+            for listener in listeners:
+                try:
+                    listener(ns_key, donor_id, token_ids)
+                except Exception:  # noqa: BLE001 - the store's own state is already consistent
+                    logger.warning("kv store: eviction listener failed for %s", donor_id, exc_info=True)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -216,6 +251,7 @@ class KvTensorStore:
         """Device of the fast tier, or None when there is none."""
         return self._device
 
+    @_reports_departures
     def put(self, ns_key: str, donor_id: str, kv: Any, token_ids: Any, *, tier: str | None = None) -> str:
         """Store one donor's KV; return the tier it landed in (``"device"`` or ``"host"``).
 
@@ -305,28 +341,36 @@ class KvTensorStore:
             except BaseException:
                 self._release(entry)
                 raise
+        if self._gone:  # promotion may have dropped device entries the host tier had no room for
+            self._report()
         try:
             yield handle
         finally:
             with self._lock:
                 self._release(entry)
 
-    def evict(self, ns_key: str, donor_id: str) -> bool:
+    @_reports_departures
+    def evict(self, ns_key: str, donor_id: str, *, token_ids: Any = None) -> bool:
         """Remove one donor's KV. A leased entry disappears from lookups now and is freed on its last release.
-        Returns False when absent."""
+        ``token_ids``: evict only an entry holding exactly these tokens (retiring one donor must not take another
+        that reused its id). Returns False when absent (or holding other tokens)."""
         with self._lock:
             entry = self._index.get((ns_key, donor_id))
             if entry is None:
+                return False
+            if token_ids is not None and not np.array_equal(entry.token_ids, np.asarray(token_ids)):
                 return False
             if entry.leases:
                 entry.doomed = True
                 del self._index[(ns_key, donor_id)]
                 self._lru[entry.tier].pop((ns_key, donor_id), None)
+                self._gone.append((ns_key, donor_id, entry.token_ids))
             else:
                 self._drop(entry)
             self._counters["evictions"] += 1
             return True
 
+    @_reports_departures
     def evict_namespace(self, ns_key: str) -> int:
         """Evict every donor of one namespace (same lease rules as :meth:`evict`); return how many."""
         with self._lock:
@@ -368,6 +412,7 @@ class KvTensorStore:
         key = (entry.ns_key, entry.donor_id)
         if self._index.get(key) is entry:
             del self._index[key]
+            self._gone.append((entry.ns_key, entry.donor_id, entry.token_ids))
         if self._lru[entry.tier].get(key) is entry:
             del self._lru[entry.tier][key]
         self._used[entry.tier] -= entry.nbytes

@@ -114,6 +114,8 @@ class SemBlendPipeline:
             embedding_dim=getattr(embedder, "dim", None), ann_backend=cfg.ann_backend,
         )
         self.telemetry = Telemetry()
+        self.kv_store: Any = None  # the donors' KV, once an adapter attaches it (attach_kv_store)
+        self.store.add_eviction_listener(self._donor_left)
         self._align_params = AlignParams(
             shingle_tokens=cfg.shingle_tokens, winnow_window=cfg.winnow_window, min_span=cfg.chunk_size,
             fuzzy=cfg.fuzzy_chunks, fuzzy_min_ratio=cfg.fuzzy_min_ratio,
@@ -138,10 +140,37 @@ class SemBlendPipeline:
         self.store.register(donor_id, tokens, ns.key, text=text, embedding=embedding)
 
     def remove_donor(self, donor_id: str, namespace: CacheNamespace | None = None) -> bool:
-        """Forget a donor (e.g. its KV was evicted by the engine). False if it was not registered.
+        """Forget a donor, and its KV in the attached KV store. False if it was not registered.
         Raises ``StoreFullError`` if it is pinned by an in-flight load."""
         ns = namespace if namespace is not None else CacheNamespace.default()
         return self.store.remove(donor_id, ns.key)
+
+    # ------------------------------------------------------------------ donor lifetime
+    def attach_kv_store(self, kv_store: Any) -> None:
+        """Make ``kv_store`` the home of these donors' KV: from now on a donor lives exactly as long in both.
+
+        ``kv_store``: a ``semblend_core.kv_tensor_store.KvTensorStore`` (or anything with
+        ``add_eviction_listener(fn)`` and ``evict(ns_key, donor_id, token_ids=...)``). When the KV store drops an
+        entry (capacity, explicit evict) the planner forgets that donor, so no plan names a donor whose KV is
+        gone and no hit keeps a dead donor hottest; when the planner drops a donor (its LRU, ``remove_donor``)
+        its KV is evicted. Both sides match donors by id *and* tokens, so a reused id never retires another
+        donor. Several engines sharing this pipeline share this one KV store. Raises ``ValueError`` if another
+        store is attached already.
+        """
+        if self.kv_store is kv_store:
+            return
+        if self.kv_store is not None:
+            raise ValueError("this pipeline already has a KV store attached; engines sharing a pipeline share it")
+        self.kv_store = kv_store
+        kv_store.add_eviction_listener(self._kv_left)
+
+    def _kv_left(self, ns_key: str, donor_id: str, token_ids: np.ndarray) -> None:
+        # The KV is gone: the donor cannot be served any more, even by an in-flight planner pin (force).
+        self.store.remove(donor_id, ns_key, tokens=token_ids, force=True)
+
+    def _donor_left(self, ns_key: str, donor_id: str, tokens: np.ndarray) -> None:
+        if self.kv_store is not None:
+            self.kv_store.evict(ns_key, donor_id, token_ids=tokens)
 
     def _embed(self, text: str) -> np.ndarray | None:
         """Unit vector or None (no embedder, content-free text, or a NaN/zero embedding — logged once)."""

@@ -55,6 +55,7 @@ class Reason:
     NAMESPACE = "namespace"
     ROPE_NOT_SHIFT_INVARIANT = "rope_not_shift_invariant"
     INTERNAL_ERROR = "internal_error"
+    DONOR_KV_MISMATCH = "donor_kv_mismatch"  # adapter: the KV entry's tokens differ from the plan's on a span
 
 
 @dataclass(frozen=True, order=True)
@@ -230,3 +231,23 @@ class SemanticKvPlan:
             "timings_ms": {k.removesuffix("_s"): round(v * 1e3, 4) for k, v in self.timings.__dict__.items()},
             "details": {k: v for k, v in self.details},
         }
+
+
+def verify_donor_tokens(span: Span, entry_tokens: Any, target_tokens: Any) -> bool:
+    """True when a donor KV entry holds the tokens ``span`` maps: ``entry_tokens[donor_start:donor_end] ==
+    target_tokens[target_start:target_end]`` (and both ranges exist).
+
+    Adapters call it for every span just before loading the span's KV (``entry_tokens``: the token ids stored
+    with that donor's KV entry; ``target_tokens``: the prompt). Spans are token-equal by construction, so a
+    False means the entry under the plan's donor id is not the donor the planner aligned (an id reused by
+    another request, a store out of step): the adapter must decline with ``Reason.DONOR_KV_MISMATCH``, never
+    load it. Because K/V at position ``p`` depend only on tokens ``<= p``, a context-exact span that passes is
+    exactly a cold prefill's KV. Cost: one comparison of ``span.length`` ids. Pure.
+    """
+    entry = np.asarray(entry_tokens)
+    target = np.asarray(target_tokens)
+    if span.length <= 0 or span.donor_start < 0 or span.target_start < 0:
+        return False
+    if span.donor_end > entry.shape[0] or span.target_end > target.shape[0]:
+        return False
+    return bool(np.array_equal(entry[span.donor_start:span.donor_end], target[span.target_start:span.target_end]))

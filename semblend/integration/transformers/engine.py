@@ -32,6 +32,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from typing import Any
 from semblend.integration.transformers.blend import BlendStats, assemble_kv, blend_prefill, model_support
 from semblend_core.config import SemBlendConfig
 from semblend_core.namespace import CacheNamespace
-from semblend_core.plan import Outcome, Reason, SemanticKvPlan
+from semblend_core.plan import Outcome, Reason, SemanticKvPlan, verify_donor_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ _MISS_OUTCOMES = {
 }
 REASON_DONOR_KV_EVICTED = "donor_kv_evicted"
 REASON_NOTHING_BEFORE_SUFFIX = "nothing_before_suffix"
+
+
+class _DonorKvMismatch(Exception):
+    """The leased KV entry's tokens (``args[0]``) differ from the plan's donor tokens on some span."""
+
 # model -> {(dtype, device, options...): (reason, report)}: the self-check runs once per model and setting.
 _SELF_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -195,7 +201,9 @@ class SemBlendEngine:
         tokenizer: its tokenizer (strings are tokenized as given: apply a chat template first if you want one).
         config: :class:`SemBlendConfig` (gates, alignment, recompute budget, bathtub preset).
         options: :class:`EngineOptions`.
-        pipeline: an existing ``SemBlendPipeline`` to share (default: a new one sized for this model).
+        pipeline: an existing ``SemBlendPipeline`` to share (default: a new one sized for this model). Engines
+            sharing a pipeline share its KV store too (the first engine's, sized by its options), so a donor one
+            engine registered serves the others; request ids carry an engine-unique prefix so they never collide.
     """
 
     def __init__(self, model: Any, tokenizer: Any, config: SemBlendConfig | None = None,
@@ -222,10 +230,17 @@ class SemBlendEngine:
         self.namespace = self.options.namespace or self._default_namespace(text_config)
         from semblend_core.kv_tensor_store import KvTensorStore
 
-        cap = self.options.kv_capacity_bytes
-        on_device = self.options.kv_tier == "device"
-        self.kv_store = KvTensorStore(device_bytes=cap if on_device else 0, host_bytes=0 if on_device else cap,
-                                      device=self.device if on_device else None)
+        if self.pipeline.kv_store is not None:
+            self.kv_store = self.pipeline.kv_store  # one donor lifetime per pipeline: share its KV store
+        else:
+            cap = self.options.kv_capacity_bytes
+            on_device = self.options.kv_tier == "device"
+            self.kv_store = KvTensorStore(device_bytes=cap if on_device else 0, host_bytes=0 if on_device else cap,
+                                          device=self.device if on_device else None)
+            self.pipeline.attach_kv_store(self.kv_store)
+        # Donor ids are request ids: unique per pipeline even when several engines (or several processes' engines
+        # registering into one store) count requests from 0.
+        self._id_prefix = f"{uuid.uuid4().hex[:8]}-"
         self._ids = itertools.count()
         self._torch = torch
         self.self_check_report: Mapping[str, float] = MappingProxyType({})
@@ -356,7 +371,7 @@ class SemBlendEngine:
             raise ValueError("empty prompt")
         if text is None and isinstance(prompt, str):
             text = prompt
-        request_id = "cold" if force_cold else f"req-{next(self._ids)}"
+        request_id = "cold" if force_cold else f"{self._id_prefix}req-{next(self._ids)}"
         start = time.perf_counter()
         if force_cold:
             result = self._cold(ids, start, None, Outcome.COLD, "forced_cold", request_id)
@@ -454,19 +469,19 @@ class SemBlendEngine:
             return
         if pre.prompt_tokens < self.config.min_prompt_tokens:
             return
-        from semblend_core.errors import StoreFullError
+        from semblend_core.errors import DuplicateDonorError, StoreFullError
 
         try:
             k, v = self.donor_kv(pre)
             self.kv_store.put(self.namespace.key, pre.request_id, self._torch.stack((k, v), dim=1),
                               list(pre.prompt_ids))
-        except StoreFullError as exc:  # larger than the store, or everything else is leased: not a donor
+        except (StoreFullError, DuplicateDonorError) as exc:  # too large, all else leased, or an id taken
             logger.debug("donor %s not stored: %s", pre.request_id, exc)
             return
         try:
             self.pipeline.register_donor(pre.request_id, list(pre.prompt_ids), namespace=self.namespace)
         except Exception as exc:  # donating is best effort; the request itself already succeeded
-            self.kv_store.evict(self.namespace.key, pre.request_id)
+            self.kv_store.evict(self.namespace.key, pre.request_id, token_ids=pre.prompt_ids)
             logger.warning("could not register %s as a donor (%s: %s)", pre.request_id, type(exc).__name__, exc)
 
     def _forward(self, ids: Sequence[int], cache: Any) -> Any:
@@ -515,11 +530,25 @@ class SemBlendEngine:
         try:
             # The lease pins the donor's KV for the whole materialization: eviction cannot pull it away.
             with self.kv_store.lease(self.namespace.key, str(plan.donor_id)) as donor:
+                if not all(verify_donor_tokens(span, donor.token_ids, ids) for span in plan.spans):
+                    raise _DonorKvMismatch(donor.token_ids)
                 donor.wait()
                 result = self._materialize(ids, plan, donor.kv, start, plan_s, request_id, plan.donor_id)
         except DonorKvMissingError:
+            # Attached stores retire such donors themselves; this covers a store wired some other way.
+            self._retire(str(plan.donor_id))
             self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_DONOR_KV_EVICTED)
             return self._cold(ids, start, plan, Outcome.DECLINED, REASON_DONOR_KV_EVICTED, request_id, plan_s=plan_s)
+        except _DonorKvMismatch as exc:
+            # The KV under this id belongs to another prompt than the planner's donor: serving it would be wrong
+            # KV. Neither side can serve the planned donor any more: drop that entry and the planner's record.
+            logger.warning("SemBlend: KV entry of donor %s holds other tokens than the plan's; running a normal "
+                           "prefill", plan.donor_id)
+            self.kv_store.evict(self.namespace.key, str(plan.donor_id), token_ids=exc.args[0])
+            self._retire(str(plan.donor_id))
+            self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=Reason.DONOR_KV_MISMATCH)
+            return self._cold(ids, start, plan, Outcome.DECLINED, Reason.DONOR_KV_MISMATCH, request_id,
+                              plan_s=plan_s)
         except Exception as exc:  # rule 5: a failed reuse is a normal prefill, never a failed request
             reason = f"{Reason.INTERNAL_ERROR}:{type(exc).__name__}"
             logger.warning("SemBlend materialization failed (%s: %s); running a normal prefill",
@@ -529,6 +558,14 @@ class SemBlendEngine:
             return self._cold(ids, start, plan, Outcome.DECLINED, reason, request_id, plan_s=plan_s)
         self.pipeline.record_outcome(plan, Outcome.MATERIALIZED, loaded_tokens=plan.reused_tokens)
         return result
+
+    def _retire(self, donor_id: str) -> None:
+        from semblend_core.errors import StoreFullError
+
+        try:
+            self.pipeline.remove_donor(donor_id, self.namespace)
+        except StoreFullError:  # pinned by someone else's in-flight load: it retires when that load fails
+            pass
 
     def _materialize(self, ids: list[int], plan: SemanticKvPlan, donor_kv: Any, start: float, plan_s: float,
                      request_id: str, donor_id: str | None) -> PrefillResult:

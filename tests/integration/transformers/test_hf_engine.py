@@ -232,8 +232,19 @@ def test_evicted_donor_kv_declines(model):
     eng2.prefill(donor)
     ((ns_key, donor_id),) = eng2.kv_store.keys()
     assert eng2.kv_store.evict(ns_key, donor_id)
+    assert len(eng2.pipeline.store) == 0  # the KV store and the planner share one donor lifetime
     res2 = eng2.prefill(target, register=False)
-    assert res2.outcome == "declined" and res2.reason == "donor_kv_evicted"
+    assert res2.outcome == "cold" and res2.reason == "no_candidate"
+    # A KV store the pipeline does not know about (wired some other way) loses the donor silently: the engine
+    # declines the hit and retires the donor, so the next similar prompt is not declined again.
+    from semblend_core.kv_tensor_store import KvTensorStore
+
+    eng3 = engine(model)
+    eng3.prefill(donor)
+    eng3.kv_store = KvTensorStore(host_bytes=1 << 30)
+    res3 = eng3.prefill(target, register=False)
+    assert res3.outcome == "declined" and res3.reason == "donor_kv_evicted"
+    assert eng3.prefill(target, register=False).reason == "no_candidate"
 
 
 def test_materialized_prompts_do_not_donate_by_default(model):
