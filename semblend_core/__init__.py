@@ -16,6 +16,7 @@ from semblend_core.config import SemBlendConfig
 from semblend_core.errors import (
     ConfigError,
     DuplicateDonorError,
+    InvalidInputError,
     InvalidTokensError,
     MissingDependencyError,
     SemBlendError,
@@ -29,7 +30,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheNamespace", "ConfigError", "DuplicateDonorError", "FuzzySpan", "InvalidTokensError",
+    "CacheNamespace", "ConfigError", "DuplicateDonorError", "FuzzySpan", "InvalidInputError", "InvalidTokensError",
     "MissingDependencyError", "Outcome", "PlanTimings", "Reason", "SemBlendConfig", "SemBlendError",
     "SemBlendPipeline", "SemanticKvPlan", "Span", "StoreFullError", "__version__",
 ]

@@ -122,14 +122,24 @@ def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) ->
         return np.zeros(0, dtype=np.int64)
     q, lo, tpos = q[found], lo[found], tpos[found]
     counts = np.searchsorted(sh, q, side="right") - lo
-    keep = counts <= _MAX_SEEDS_PER_ANCHOR  # very repetitive k-grams carry no alignment signal
-    if not keep.any():
-        return np.zeros(0, dtype=np.int64)
+    keep = counts <= _MAX_SEEDS_PER_ANCHOR
+    # A k-gram with many donor occurrences (a repeated line, a constant or periodic run) would seed a diagonal per
+    # occurrence pair: instead its i-th occurrence in the prompt is paired with its i-th in the donor (both are
+    # sorted by position within one hash), which lines up repeated runs in order -- one seed per prompt anchor.
+    over = ~keep
+    over_diags = np.zeros(0, dtype=np.int64)
+    if over.any():
+        q_o, lo_o, cnt_o, tpos_o = q[over], lo[over], counts[over], tpos[over]
+        rank = np.arange(q_o.shape[0]) - np.searchsorted(q_o, q_o, side="left")
+        ok = rank < cnt_o
+        over_diags = donor_hashes.sorted_positions[lo_o[ok] + rank[ok]] - tpos_o[ok]
     lo, counts, tpos = lo[keep], counts[keep], tpos[keep]
     total = int(counts.sum())
     offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
     dpos = donor_hashes.sorted_positions[offsets]
-    diags = dpos - np.repeat(tpos, counts)
+    diags = np.concatenate([dpos - np.repeat(tpos, counts), over_diags])
+    if diags.size == 0:
+        return np.zeros(0, dtype=np.int64)
     uniq, freq = np.unique(diags, return_counts=True)
     order = np.argsort(-freq, kind="stable")[:_MAX_DIAGONALS]
     return uniq[order]

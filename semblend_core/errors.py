@@ -16,8 +16,13 @@ class ConfigError(SemBlendError, ValueError):
     """A configuration key or value is not allowed; the message names the allowed ones."""
 
 
-class InvalidTokensError(SemBlendError, ValueError):
-    """Token ids are empty, negative, too large, or not integers."""
+class InvalidInputError(SemBlendError, ValueError, TypeError):
+    """An argument of a management call has the wrong type or value (a ``text`` that is not a string, a
+    ``namespace`` that is not a ``CacheNamespace``...); the message names what was expected."""
+
+
+class InvalidTokensError(InvalidInputError):
+    """Token ids are empty, negative, too large, booleans, or not integers."""
 
 
 class DuplicateDonorError(SemBlendError, KeyError):

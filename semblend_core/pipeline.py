@@ -32,7 +32,7 @@ from semblend_core.alignment import AlignParams, Alignment, TargetAnchors, align
 from semblend_core.bathtub import ModelShape, layer_recompute_policy
 from semblend_core.config import SemBlendConfig
 from semblend_core.donor_store import DonorRecord, DonorStore
-from semblend_core.errors import InvalidTokensError
+from semblend_core.errors import InvalidInputError, InvalidTokensError
 from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Outcome, PlanTimings, Reason, SemanticKvPlan, Span
 from semblend_core.telemetry import Telemetry
@@ -49,9 +49,15 @@ def validate_tokens(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         # Engines hand over Python lists; array('q') converts them ~25% faster than np.asarray and, unlike
         # np.array(..., dtype=int64), refuses floats instead of truncating them.
         try:
-            return _check_range(np.frombuffer(array.array("q", token_ids), dtype=np.int64))
+            arr = np.frombuffer(array.array("q", token_ids), dtype=np.int64)
         except (OverflowError, TypeError) as exc:
             raise InvalidTokensError(f"token ids must be 1-D integers below 2^63: {exc}") from None
+        # array('q') takes True/False as 1/0. A bool is never a token id (a mask passed by mistake): only the
+        # entries that converted to 0 or 1 can be one, so only those few are inspected.
+        for i in np.flatnonzero(arr <= 1).tolist():
+            if isinstance(token_ids[i], bool):
+                raise InvalidTokensError(f"token ids must be integers, got a bool at position {i}")
+        return _check_range(arr)
     try:
         arr = np.asarray(token_ids)
     except (OverflowError, ValueError, TypeError) as exc:
@@ -60,9 +66,36 @@ def validate_tokens(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         raise InvalidTokensError(f"token ids must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):  # bool is not an integer dtype
         raise InvalidTokensError(f"token ids must be integers, got dtype {arr.dtype}")
     return _check_range(arr.astype(np.int64, copy=False))
+
+
+def _declared_length(token_ids: Any) -> int | None:
+    """``len(token_ids)`` without converting anything (None for objects without a length)."""
+    try:
+        return len(token_ids)
+    except TypeError:
+        return None
+
+
+def check_request_args(text: Any = None, namespace: Any = None, engine_prefix_tokens: Any = 0) -> str:
+    """``""`` when the non-token arguments of ``plan``/``register_donor`` are usable, else what is wrong.
+
+    ``text``: a ``str`` or None. ``namespace``: a ``CacheNamespace`` or None. ``engine_prefix_tokens``: an
+    integer >= 0 (Python or numpy; not a bool, a float or a string).
+    """
+    if text is not None and not isinstance(text, str):
+        return f"text must be a str or None, got {type(text).__name__}"
+    if namespace is not None and not isinstance(namespace, CacheNamespace):
+        return f"namespace must be a CacheNamespace or None, got {type(namespace).__name__} {namespace!r:.40}"
+    if isinstance(engine_prefix_tokens, (bool, np.bool_)) or not isinstance(engine_prefix_tokens,
+                                                                              (int, np.integer)):
+        return (f"engine_prefix_tokens must be an integer >= 0, got {type(engine_prefix_tokens).__name__} "
+                f"{engine_prefix_tokens!r:.40}")
+    if engine_prefix_tokens < 0:
+        return f"engine_prefix_tokens must be an integer >= 0, got {engine_prefix_tokens}"
+    return ""
 
 
 def _check_range(arr: np.ndarray) -> np.ndarray:
@@ -126,9 +159,16 @@ class SemBlendPipeline:
     def register_donor(self, donor_id: str, token_ids: Sequence[int], text: str | None = None,
                        namespace: CacheNamespace | None = None) -> None:
         """Make a finished prompt available as a donor. Raises ``InvalidTokensError`` for bad ids,
-        ``DuplicateDonorError`` for an id reused with other tokens, ``StoreFullError`` if all donors are pinned."""
+        ``InvalidInputError`` for a ``text`` or ``namespace`` of the wrong type, ``DuplicateDonorError`` for an id
+        reused with other tokens, ``StoreFullError`` if all donors are pinned."""
         if not isinstance(donor_id, str) or not donor_id:
             raise InvalidTokensError(f"donor_id must be a non-empty string, got {donor_id!r}")
+        problem = check_request_args(text, namespace)
+        if problem:
+            raise InvalidInputError(problem)
+        n = _declared_length(token_ids)
+        if n is not None and n > self.config.max_prompt_tokens:  # refuse before converting millions of ids
+            raise InvalidTokensError(f"donor has {n} tokens; max_prompt_tokens is {self.config.max_prompt_tokens}")
         tokens = validate_tokens(token_ids)
         if tokens.size == 0:
             raise InvalidTokensError("cannot register an empty donor")
@@ -190,17 +230,21 @@ class SemBlendPipeline:
     # ------------------------------------------------------------------ planning
     def plan(self, token_ids: Sequence[int], text: str | None = None, namespace: CacheNamespace | None = None,
              *, engine_prefix_tokens: int = 0) -> SemanticKvPlan:
-        """Plan reuse for a prompt. Never raises; a miss carries its reason. Safe to call from many threads."""
+        """Plan reuse for a prompt. Never raises; a miss carries its reason. Safe to call from many threads.
+
+        Arguments of the wrong type (``text`` not a str, ``namespace`` not a ``CacheNamespace``,
+        ``engine_prefix_tokens`` not an integer >= 0) give a miss with reason ``invalid_input`` and the problem in
+        ``details["error"]``; such a plan carries the default namespace."""
         start = time.perf_counter()
-        ns = namespace if namespace is not None else CacheNamespace.default()
+        problem = check_request_args(text, namespace, engine_prefix_tokens)
+        ns = namespace if namespace is not None and not problem else CacheNamespace.default()
         try:
-            plan = self._plan(token_ids, text, ns, engine_prefix_tokens, start)
+            plan = self._plan(token_ids, text, ns, engine_prefix_tokens, start, problem)
         except Exception as exc:  # rule 5: never fail inference
             logger.warning("SemBlend planning failed (%s: %s); falling back to normal prefill",
                            type(exc).__name__, exc)
             logger.debug("planning failure", exc_info=True)
-            n = len(token_ids) if hasattr(token_ids, "__len__") else 0
-            plan = SemanticKvPlan(False, Reason.INTERNAL_ERROR, n, ns,
+            plan = SemanticKvPlan(False, Reason.INTERNAL_ERROR, _declared_length(token_ids) or 0, ns,
                                   timings=PlanTimings(total_s=time.perf_counter() - start),
                                   details=(("error", f"{type(exc).__name__}: {exc}"),))
         self.telemetry.record_plan(plan.is_hit, plan.timings.total_s, plan.target_len)
@@ -235,15 +279,20 @@ class SemBlendPipeline:
         return SemanticKvPlan(False, reason, n, ns, timings=timings, details=details, **kw)
 
     def _plan(self, token_ids: Sequence[int], text: str | None, ns: CacheNamespace, engine_prefix_tokens: int,
-              start: float) -> SemanticKvPlan:
+              start: float, problem: str = "") -> SemanticKvPlan:
         cfg = self.config
+        declared = _declared_length(token_ids)
         if not cfg.enabled:
-            return self._miss(Reason.DISABLED, len(token_ids), ns, start)
+            return self._miss(Reason.DISABLED, declared or 0, ns, start)
+        if problem:
+            return self._miss(Reason.INVALID_INPUT, declared or 0, ns, start, details={"error": problem})
+        if declared is not None and declared > cfg.max_prompt_tokens:  # refuse before converting millions of ids
+            return self._miss(Reason.PROMPT_TOO_LONG, declared, ns, start,
+                              details={"max_prompt_tokens": cfg.max_prompt_tokens})
         try:
             tokens = validate_tokens(token_ids)
         except InvalidTokensError as exc:
-            n = len(token_ids) if hasattr(token_ids, "__len__") else 0
-            return self._miss(Reason.INVALID_TOKENS, n, ns, start, details={"error": str(exc)})
+            return self._miss(Reason.INVALID_TOKENS, declared or 0, ns, start, details={"error": str(exc)})
         m = int(tokens.shape[0])
         if m == 0:
             return self._miss(Reason.EMPTY_PROMPT, 0, ns, start)

@@ -45,6 +45,7 @@ class Reason:
     BELOW_MIN_PROMPT_TOKENS = "below_min_prompt_tokens"
     PROMPT_TOO_LONG = "prompt_too_long"
     INVALID_TOKENS = "invalid_tokens"
+    INVALID_INPUT = "invalid_input"  # text, namespace or engine_prefix_tokens of the wrong type or value
     EXACT_PREFIX_SUFFICIENT = "exact_prefix_sufficient"
     NO_CANDIDATE = "no_candidate"
     BELOW_MIN_SIMILARITY = "below_min_similarity"
