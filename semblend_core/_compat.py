@@ -28,16 +28,22 @@ def has_module(name: str) -> bool:
         return False
 
 
-def require(name: str, extra: str) -> ModuleType:
-    """Import ``name`` or raise ``MissingDependencyError("pip install semblend[extra]")``."""
+def require(name: str, extra: str | None = None, *, package: str | None = None) -> ModuleType:
+    """Import ``name`` or raise ``MissingDependencyError`` naming the install command.
+
+    ``extra``: the ``semblend`` extra that installs it (``pip install 'semblend[extra]'``; it must list the
+    package in ``pyproject.toml``, which tests/test_packaging.py checks for every call). ``package``: a pip
+    requirement to name instead when no extra provides the module (``pip install faiss-cpu``).
+    """
+    if (extra is None) == (package is None):
+        raise ValueError("require() needs exactly one of extra= and package=")
+    command = f"pip install 'semblend[{extra}]'" if extra is not None else f"pip install {package}"
     if not has_module(name):
-        raise MissingDependencyError(f"{name} is required for this feature: pip install 'semblend[{extra}]'")
+        raise MissingDependencyError(f"{name} is required for this feature: {command}")
     try:
         return importlib.import_module(name)
     except ImportError as exc:  # present but broken (e.g. blocked in sys.modules)
-        raise MissingDependencyError(
-            f"{name} could not be imported ({exc}); pip install 'semblend[{extra}]'"
-        ) from exc
+        raise MissingDependencyError(f"{name} could not be imported ({exc}); {command}") from exc
 
 
 def triton_kernel_runs_on(device_type: str) -> bool:

@@ -60,7 +60,7 @@ class UsearchIndex(AnnIndex):
 
 class FaissIndex(AnnIndex):
     def __init__(self, dim: int) -> None:
-        faiss = require("faiss", extra="ann")
+        faiss = require("faiss", package="faiss-cpu")
         self._faiss = faiss
         self._index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT))
         self._keys: set[int] = set()
