@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
 from semblend.integration.transformers.blend import BlendStats, assemble_kv, blend_prefill, model_support
 from semblend_core.config import SemBlendConfig
 from semblend_core.namespace import CacheNamespace
@@ -530,7 +532,8 @@ class SemBlendEngine:
         try:
             # The lease pins the donor's KV for the whole materialization: eviction cannot pull it away.
             with self.kv_store.lease(self.namespace.key, str(plan.donor_id)) as donor:
-                if not all(verify_donor_tokens(span, donor.token_ids, ids) for span in plan.spans):
+                target = np.asarray(ids, dtype=np.int64)
+                if not all(verify_donor_tokens(span, donor.token_ids, target) for span in plan.spans):
                     raise _DonorKvMismatch(donor.token_ids)
                 donor.wait()
                 result = self._materialize(ids, plan, donor.kv, start, plan_s, request_id, plan.donor_id)
