@@ -1,0 +1,163 @@
+"""Stand-ins for the TensorRT-LLM objects the connector receives, built from the pinned signature table.
+
+Why stand-ins: TensorRT-LLM cannot be installed on these machines (PyPI's ``tensorrt_llm`` 1.2.1 is a stub that
+points at NVIDIA's own index, the GPU machine has none either), and its connector interface module imports the
+compiled bindings (``tensorrt_llm.bindings``), so not even the dataclasses can be imported alone. Every field and
+method below is one TensorRT-LLM has at commit ``SIGNATURE_COMMIT`` (``SIGNATURES`` / ``REQUEST_DATA_FIELDS``);
+``test_trtllm_signatures.py`` checks that the stand-ins and the adapter match that table, and
+``test_trtllm_real_bases.py`` re-runs the checks against the real classes wherever TensorRT-LLM is importable.
+
+Also here: a CPU pool tensor in the layout ``register_kv_caches`` receives, and independent readers/writers of it
+that follow TensorRT-LLM's own addressing formula (``KVBlockArray::getKVLocalIdx``), not the adapter's views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+# TensorRT-LLM commit the table was read from: tensorrt_llm/_torch/pyexecutor/connectors/kv_cache_connector.py.
+SIGNATURE_COMMIT = "035ab91cad04b7b77a479a9526edecfbc742c661"
+# Older commits whose (flat) methods have the same names and parameters: the connectors/ path before the
+# per-layer-group forms (cache_salt_id instead of cache_salt), and the original pyexecutor/kv_cache_connector.py.
+OLDER_COMMITS = ("5a06f334f04fb515ff79f73b7f0f7726ad757361", "00fdcbff5ad82a6438b3e0c9dbc5480b6ee52bdc")
+
+# method -> parameter names after ``self``, as declared by the abstract base classes at SIGNATURE_COMMIT.
+SIGNATURES: dict[str, dict[str, tuple[str, ...]]] = {
+    "KvCacheConnectorScheduler": {
+        "__init__": ("llm_args",),
+        "build_connector_meta": ("scheduler_output",),
+        "get_num_new_matched_tokens": ("request", "num_computed_tokens"),
+        "request_finished": ("request", "cache_block_ids"),
+        "update_state_after_alloc": ("request", "block_ids"),
+    },
+    "KvCacheConnectorWorker": {
+        "__init__": ("llm_args",),
+        "register_kv_caches": ("kv_cache_tensor",),
+        "register_kv_cache_layout": ("layout",),
+        "start_load_kv": ("stream",),
+        "wait_for_layer_load": ("layer_idx", "stream"),
+        "save_kv_layer": ("layer_idx", "stream"),
+        "wait_for_save": ("stream",),
+        "get_finished": ("finished_gen_req_ids", "started_loading_req_ids"),
+    },
+}
+# RequestData fields in declaration order (SIGNATURE_COMMIT) and SchedulerOutput's.
+REQUEST_DATA_FIELDS = ("request_id", "new_tokens", "new_block_ids", "computed_position", "num_scheduled_tokens",
+                       "block_hashes", "priorities", "cache_salt", "new_block_ids_by_layer_group")
+SCHEDULER_OUTPUT_FIELDS = ("new_requests", "cached_requests", "attention_dp_rank")
+
+
+@dataclass
+class RequestData:
+    """Stand-in of ``RequestData`` (SIGNATURE_COMMIT), field for field."""
+
+    request_id: int
+    new_tokens: list[int]
+    new_block_ids: list[int]
+    computed_position: int
+    num_scheduled_tokens: int
+    block_hashes: list[int] = field(default_factory=list)
+    priorities: list[int] | None = None
+    cache_salt: str | None = None
+    new_block_ids_by_layer_group: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    """Stand-in of ``SchedulerOutput`` (SIGNATURE_COMMIT)."""
+
+    new_requests: list[RequestData] = field(default_factory=list)
+    cached_requests: list[RequestData] = field(default_factory=list)
+    attention_dp_rank: int | None = None
+
+
+class LlmRequest:
+    """Stand-in of the bound C++ ``LlmRequest`` the scheduler receives: the attributes the adapter reads
+    (``request_id``, ``get_tokens(beam)``, ``prompt_len``, ``context_current_position``, ``cache_salt`` or the
+    older ``cache_salt_id``, ``lora_task_id``)."""
+
+    def __init__(self, request_id: int, tokens: list[int], *, cache_salt: str | None = None,
+                 cache_salt_id: int | None = None, lora_task_id: int | None = None) -> None:
+        self.request_id = request_id
+        self._tokens = list(tokens)
+        self.prompt_len = len(tokens)
+        self.context_current_position = 0
+        if cache_salt is not None:
+            self.cache_salt = cache_salt
+        if cache_salt_id is not None:
+            self.cache_salt_id = cache_salt_id
+        self.lora_task_id = lora_task_id
+
+    def get_tokens(self, beam: int) -> list[int]:
+        assert beam == 0
+        return list(self._tokens)
+
+
+def llm_args(*, tokens_per_block: int = 16, enable_block_reuse: bool = True, attn_backend: str = "TRTLLM",
+             host_cache_size: int | None = None, tensor_parallel_size: int = 1, hf_config: Any = None,
+             **extra: Any) -> SimpleNamespace:
+    """Stand-in of ``TorchLlmArgs`` with the fields the adapter reads (names as in ``llm_args.py``)."""
+    kv = SimpleNamespace(enable_block_reuse=enable_block_reuse, tokens_per_block=tokens_per_block,
+                         host_cache_size=host_cache_size, dtype="auto", use_kv_cache_manager_v2=False)
+    ns = SimpleNamespace(model="test/model", revision=None, tokenizer=None, tokenizer_revision=None, dtype="auto",
+                         quant_config=None, kv_cache_config=kv, attn_backend=attn_backend,
+                         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=1,
+                         enable_attention_dp=False, _semblend_hf_config=hf_config)
+    for k, v in extra.items():
+        setattr(ns, k, v)
+    return ns
+
+
+# ------------------------------------------------------------------------------------------ the pool, independently
+def make_pool(num_blocks: int, num_layers: int, heads: int, tokens_per_block: int, head_dim: int,
+              dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """``[num_blocks, num_layers, 2, heads * tokens_per_block * head_dim]`` filled with random values (untouched
+    slots must keep them)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(num_blocks, num_layers, 2, heads * tokens_per_block * head_dim, generator=g)
+    return pool.to(dtype)
+
+
+def _flat_index(order: str, head: int, tok: int, chan: int, heads: int, tpb: int, head_dim: int) -> int:
+    if order == "HND":  # KVBlockArray::getKVLocalIdx
+        return head * tpb * head_dim + tok * head_dim + chan
+    return tok * heads * head_dim + head * head_dim + chan  # NHD, get_buffers(kv_layout="NHD")
+
+
+def read_token(pool: torch.Tensor, order: str, block: int, layer: int, kv: int, tok: int, heads: int,
+               tpb: int, head_dim: int) -> torch.Tensor:
+    """``[heads, head_dim]`` of one token, addressed with TensorRT-LLM's formula on the flat row."""
+    row = pool[block, layer, kv]
+    idx = torch.tensor([[_flat_index(order, h, tok, c, heads, tpb, head_dim) for c in range(head_dim)]
+                        for h in range(heads)])
+    return row[idx]
+
+
+def write_token(pool: torch.Tensor, order: str, block: int, layer: int, kv: int, tok: int, value: torch.Tensor,
+                heads: int, tpb: int, head_dim: int) -> None:
+    row = pool[block, layer, kv]
+    idx = torch.tensor([[_flat_index(order, h, tok, c, heads, tpb, head_dim) for c in range(head_dim)]
+                        for h in range(heads)])
+    row[idx] = value.to(pool.dtype)
+
+
+def read_tokens(pool, order, block_ids, start, n, layer, kv, heads, tpb, head_dim) -> torch.Tensor:
+    """``[n, heads, head_dim]`` for target tokens ``[start, start + n)`` of a request holding ``block_ids``
+    (``block_ids[0]`` holds token ``start // tpb * tpb``)."""
+    first = start // tpb
+    return torch.stack([read_token(pool, order, block_ids[t // tpb - first], layer, kv, t % tpb, heads, tpb,
+                                   head_dim) for t in range(start, start + n)])
+
+
+def write_request_kv(pool, order, block_ids, kv: torch.Tensor, heads, tpb, head_dim) -> None:
+    """Emulate TensorRT-LLM's forward writing a prompt's KV ``[num_layers, 2, n, heads, head_dim]`` into the
+    request's blocks (token ``t`` in ``block_ids[t // tpb]``, offset ``t % tpb``)."""
+    for layer in range(kv.shape[0]):
+        for which in range(2):
+            for t in range(kv.shape[2]):
+                write_token(pool, order, block_ids[t // tpb], layer, which, t % tpb, kv[layer, which, t], heads, tpb,
+                            head_dim)
