@@ -54,7 +54,7 @@ class SharedState:
         self._lock = threading.RLock()
         self.store: Any = None
         self.unusable_reason: str | None = self.NOT_REGISTERED
-        self._pins: dict[str, contextlib.ExitStack] = {}
+        self._pins: dict[str, tuple[contextlib.ExitStack, Any]] = {}
         self._reports = Reports()
 
     # ------------------------------------------------------------------ worker registration
@@ -88,14 +88,20 @@ class SharedState:
                 donor = stack.enter_context(self.store.lease(ns_key, donor_id, promote=False))
             except DonorKvMissingError:
                 return None
-            self._pins[req_id] = stack
+            self._pins[req_id] = (stack, donor)
             return donor
+
+    def pinned(self, req_id: str) -> Any | None:
+        """The ``DonorKv`` leased for ``req_id`` (valid until :meth:`unpin`), or None."""
+        with self._lock:
+            held = self._pins.get(req_id)
+            return None if held is None else held[1]
 
     def unpin(self, req_id: str) -> None:
         with self._lock:
-            stack = self._pins.pop(req_id, None)
-        if stack is not None:
-            stack.close()
+            held = self._pins.pop(req_id, None)
+        if held is not None:
+            held[0].close()
 
     def num_pins(self) -> int:
         with self._lock:

@@ -21,6 +21,7 @@ as if computed; the worker therefore raises (TensorRT-LLM fails the step's reque
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -132,7 +133,10 @@ class WorkerSide:
         if spec.delta != 0 and self.rope is None:
             raise ValueError("RoPE re-rotation is not exact for this model")
         pool = self.pool
-        with self.store.lease(spec.namespace_key, spec.donor_id) as donor:
+        pinned = self.shared.pinned(spec.req_id)  # leased by the scheduler when it credited the tokens
+        with contextlib.ExitStack() as stack:
+            donor = pinned if pinned is not None else stack.enter_context(
+                self.store.lease(spec.namespace_key, spec.donor_id))
             if donor.num_tokens < spec.donor_start + spec.num_tokens:
                 raise ValueError(f"donor holds {donor.num_tokens} tokens, load needs "
                                  f"[{spec.donor_start}, {spec.donor_start + spec.num_tokens})")
