@@ -2,7 +2,7 @@
 
 A stand-in is used because TensorRT-LLM cannot run (or even be imported) on these machines; ``LlmRequest``,
 ``RequestData`` and ``SchedulerOutput`` are built from the signature table pinned in ``trtllm_standins``.
-``Executor.run`` follows the executor's order for one request: ``KVCacheManager.addSequence`` ->
+``trtllm_standins.Executor.run`` follows the executor's order for one request: ``KVCacheManager.addSequence`` ->
 ``get_num_new_matched_tokens(request, own_hit)`` -> ``update_state_after_alloc`` -> ``build_connector_meta`` (the
 request in ``new_requests``, ``computed_position`` without the connector's tokens) -> the worker's
 ``bind_connector_meta`` / ``start_load_kv`` -> the forward (emulated: it writes the prompt's true KV for the tokens
@@ -55,62 +55,9 @@ def hf_config():
                            hidden_size=H * D, num_hidden_layers=L, rope_theta=10000.0, max_position_embeddings=4096)
 
 
-class Executor:
-    """TensorRT-LLM's call order for the connector, one request at a time (see the module docstring)."""
-
-    def __init__(self, monkeypatch, mode="prefix", *, pool=None, **args):
-        cfg = {"mode": mode, "min_donor_tokens": 32, "donor_kv_gpu_bytes": 1 << 24}
-        import json
-
-        monkeypatch.setenv("TLLM_SEMBLEND_CONFIG", json.dumps(cfg))
-        self.args = S.llm_args(tokens_per_block=T, hf_config=hf_config(), **args)
-        self.sched = connector.SemBlendKvConnectorScheduler(self.args)
-        self.worker = connector.SemBlendKvConnectorWorker(self.args)
-        self.pool = S.make_pool(NB, L, H, T, D) if pool is None else pool
-        self.worker.register_kv_caches(self.pool)
-        self.next_block = 0
-        self.loads = []
-
-    def blocks(self, n_tokens):
-        nb = -(-n_tokens // T)
-        ids = [(self.next_block + i) % NB for i in range(nb)]
-        self.next_block += nb
-        return ids
-
-    def admit(self, req, own_hit=0):
-        """addSequence: the connector is asked for tokens beyond the engine's own hit, then blocks allocated."""
-        n, is_async = self.sched.get_num_new_matched_tokens(req, own_hit)
-        assert is_async is False
-        ids = self.blocks(req.prompt_len)
-        self.sched.update_state_after_alloc(req, ids)
-        return n, ids
-
-    def step(self, req, ids, own_hit, n_matched):
-        """One context step computing the rest of the prompt."""
-        prepopulated = own_hit + n_matched
-        rd = S.RequestData(req.request_id, req.get_tokens(0), list(ids), prepopulated - n_matched,
-                           req.prompt_len - prepopulated, cache_salt=getattr(req, "cache_salt", None))
-        meta = self.sched.build_connector_meta(S.SchedulerOutput(new_requests=[rd]))
-        self.loads.extend(meta.loads)
-        self.worker.bind_connector_meta(meta)
-        self.worker.start_load_kv(None)
-        kv = true_kv(req.get_tokens(0))  # the forward computes [prepopulated, prompt_len)
-        for t in range(prepopulated, req.prompt_len):
-            for layer in range(L):
-                for which in range(2):
-                    S.write_token(self.pool, "HND", ids[t // T], layer, which, t % T, kv[layer, which, t], H, T, D)
-        self.worker.wait_for_save(None)
-        req.context_current_position = req.prompt_len
-        return meta
-
-    def run(self, req, own_hit=0):
-        n, ids = self.admit(req, own_hit)
-        meta = self.step(req, ids, own_hit, n)
-        assert self.sched.request_finished(req, ids) is False
-        return n, ids, meta
-
-    def stats(self):
-        return self.sched.pipeline.stats()
+def executor(monkeypatch, mode="prefix", *, pool=None, **args):
+    return S.Executor(monkeypatch, hf_config(), true_kv, num_blocks=NB, tokens_per_block=T, mode=mode, pool=pool,
+                      **args)
 
 
 def pool_tokens(pool, ids, n, layer, which):
@@ -147,7 +94,7 @@ def test_discovery_only_is_the_default_and_never_alters_scheduling(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- prefix mode
 def test_context_exact_hit_is_credited_and_loaded_into_the_requests_blocks(monkeypatch):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     assert ex.run(S.LlmRequest(1, DOC + A))[0] == 0  # donor: nothing to reuse yet; captured at its last step
     assert len(ex.sched.pipeline.store) == 1
     target = S.LlmRequest(2, DOC + Q)
@@ -169,7 +116,7 @@ def test_context_exact_hit_is_credited_and_loaded_into_the_requests_blocks(monke
 
 def test_shifted_hit_is_declined_before_any_token_is_credited(monkeypatch):
     """Approximate (shifted) KV would be stored in TensorRT-LLM's reusable pool as an exact hit: never loaded."""
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     ex.run(S.LlmRequest(1, A + DOC))
     target = S.LlmRequest(2, DOC + Q)  # DOC moves from position 64 to 0
     n, ids, meta = ex.run(target)
@@ -181,7 +128,7 @@ def test_shifted_hit_is_declined_before_any_token_is_credited(monkeypatch):
 
 
 def test_engine_hit_and_partial_blocks(monkeypatch):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     ex.run(S.LlmRequest(1, DOC + A))
     assert ex.sched.get_num_new_matched_tokens(S.LlmRequest(2, DOC + Q), 8) == (0, False)  # half-computed block
     assert ex.sched.side._requests["2"].decision.reason == DeclineReason.ENGINE_PARTIAL_BLOCK
@@ -193,7 +140,7 @@ def test_engine_hit_and_partial_blocks(monkeypatch):
 
 
 def test_evicted_donor_is_declined_and_retired(monkeypatch):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     ex.run(S.LlmRequest(1, DOC + A))
     store = ex.worker.side.store
     (key,) = store.keys()
@@ -208,7 +155,7 @@ def test_evicted_donor_is_declined_and_retired(monkeypatch):
 
 def test_credited_donor_is_leased_until_loaded(monkeypatch):
     """Between crediting and the load, the donor's KV cannot be evicted (the load has no way back to prefill)."""
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     ex.run(S.LlmRequest(1, DOC + A))
     target = S.LlmRequest(2, DOC + Q)
     n, ids = ex.admit(target)
@@ -223,7 +170,7 @@ def test_credited_donor_is_leased_until_loaded(monkeypatch):
 
 
 def test_aborted_before_scheduling_releases_everything(monkeypatch):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     ex.run(S.LlmRequest(1, DOC + A))
     target = S.LlmRequest(2, DOC + Q)
     assert ex.admit(target)[0] == 192
@@ -234,7 +181,7 @@ def test_aborted_before_scheduling_releases_everything(monkeypatch):
 
 def test_unusable_worker_declines_every_load(monkeypatch):
     bad = torch.zeros(NB, L, 2, H * T * D * 2)  # not this model's geometry
-    ex = Executor(monkeypatch, pool=bad)
+    ex = executor(monkeypatch, pool=bad)
     assert ex.sched.side.shared.unusable_reason.startswith("kv_layout_unsupported")
     ex.sched.pipeline.register_donor("x", DOC + A, namespace=ex.sched.namespace)
     assert ex.sched.get_num_new_matched_tokens(S.LlmRequest(2, DOC + Q), 0) == (0, False)
@@ -243,7 +190,7 @@ def test_unusable_worker_declines_every_load(monkeypatch):
 
 @pytest.mark.parametrize("attr", ["cache_salt", "cache_salt_id"])
 def test_cache_salt_partitions_donors(monkeypatch, attr):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     salt_a, salt_b = ("a", "b") if attr == "cache_salt" else (11, 12)
     ex.run(S.LlmRequest(1, DOC + A, **{attr: salt_a}))
     assert ex.run(S.LlmRequest(2, DOC + Q, **{attr: salt_b}))[0] == 0  # another salt: never this donor
@@ -253,14 +200,14 @@ def test_cache_salt_partitions_donors(monkeypatch, attr):
 
 
 def test_lora_task_partitions_donors(monkeypatch):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     ex.run(S.LlmRequest(1, DOC + A, lora_task_id=5))
     assert ex.run(S.LlmRequest(2, DOC + Q, lora_task_id=6))[0] == 0
     assert ex.run(S.LlmRequest(3, DOC + Q, lora_task_id=5))[0] == 192
 
 
 def test_chunked_prefill_captures_at_the_last_chunk(monkeypatch):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
     req = S.LlmRequest(1, DOC + A)
     n, ids = ex.admit(req)
     first = S.RequestData(1, req.get_tokens(0), ids, 0, 128)
@@ -272,7 +219,7 @@ def test_chunked_prefill_captures_at_the_last_chunk(monkeypatch):
 
 
 def test_planning_errors_are_a_normal_prefill(monkeypatch):
-    ex = Executor(monkeypatch)
+    ex = executor(monkeypatch)
 
     class Broken(S.LlmRequest):
         def get_tokens(self, beam):

@@ -122,42 +122,127 @@ def make_pool(num_blocks: int, num_layers: int, heads: int, tokens_per_block: in
     return pool.to(dtype)
 
 
-def _flat_index(order: str, head: int, tok: int, chan: int, heads: int, tpb: int, head_dim: int) -> int:
-    if order == "HND":  # KVBlockArray::getKVLocalIdx
+def _flat_index(order: str, heads: int, tpb: int, head_dim: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Element index inside one ``(block, layer, K|V)`` row of ``[len(offsets), heads, head_dim]``, written out from
+    TensorRT-LLM's formulas: HND ``KVBlockArray::getKVLocalIdx`` = ``head * tpb * head_dim + token * head_dim +
+    channel``; NHD (``get_buffers(kv_layout="NHD")``) = ``token * heads * head_dim + head * head_dim + channel``."""
+    tok = offsets[:, None, None]
+    head = torch.arange(heads)[None, :, None]
+    chan = torch.arange(head_dim)[None, None, :]
+    if order == "HND":
         return head * tpb * head_dim + tok * head_dim + chan
-    return tok * heads * head_dim + head * head_dim + chan  # NHD, get_buffers(kv_layout="NHD")
+    return tok * heads * head_dim + head * head_dim + chan
 
 
-def read_token(pool: torch.Tensor, order: str, block: int, layer: int, kv: int, tok: int, heads: int,
-               tpb: int, head_dim: int) -> torch.Tensor:
-    """``[heads, head_dim]`` of one token, addressed with TensorRT-LLM's formula on the flat row."""
-    row = pool[block, layer, kv]
-    idx = torch.tensor([[_flat_index(order, h, tok, c, heads, tpb, head_dim) for c in range(head_dim)]
-                        for h in range(heads)])
-    return row[idx]
-
-
-def write_token(pool: torch.Tensor, order: str, block: int, layer: int, kv: int, tok: int, value: torch.Tensor,
-                heads: int, tpb: int, head_dim: int) -> None:
-    row = pool[block, layer, kv]
-    idx = torch.tensor([[_flat_index(order, h, tok, c, heads, tpb, head_dim) for c in range(head_dim)]
-                        for h in range(heads)])
-    row[idx] = value.to(pool.dtype)
+def _addresses(block_ids, start: int, n: int, order: str, heads: int, tpb: int, head_dim: int):
+    """``(block index [n, 1, 1], element index [n, heads, head_dim])`` of target tokens ``[start, start + n)`` of a
+    request whose ``block_ids[0]`` holds token ``start // tpb * tpb``."""
+    first = start // tpb
+    t = torch.arange(start, start + n)
+    blocks = torch.tensor([block_ids[int(x) // tpb - first] for x in t], dtype=torch.int64)
+    return blocks[:, None, None], _flat_index(order, heads, tpb, head_dim, t % tpb)
 
 
 def read_tokens(pool, order, block_ids, start, n, layer, kv, heads, tpb, head_dim) -> torch.Tensor:
-    """``[n, heads, head_dim]`` for target tokens ``[start, start + n)`` of a request holding ``block_ids``
-    (``block_ids[0]`` holds token ``start // tpb * tpb``)."""
-    first = start // tpb
-    return torch.stack([read_token(pool, order, block_ids[t // tpb - first], layer, kv, t % tpb, heads, tpb,
-                                   head_dim) for t in range(start, start + n)])
+    """``[n, heads, head_dim]`` of K (``kv=0``) or V (``kv=1``) for target tokens ``[start, start + n)``."""
+    blocks, idx = _addresses(block_ids, start, n, order, heads, tpb, head_dim)
+    return pool[:, layer, kv][blocks, idx]
+
+
+def read_token(pool, order, block, layer, kv, tok, heads, tpb, head_dim) -> torch.Tensor:
+    """``[heads, head_dim]`` of one token at offset ``tok`` of block ``block``."""
+    return read_tokens(pool, order, [block], tok, 1, layer, kv, heads, tpb, head_dim)[0]
+
+
+def write_tokens(pool, order, block_ids, start, kv: torch.Tensor, heads, tpb, head_dim) -> None:
+    """Emulate TensorRT-LLM's forward writing ``kv`` ``[num_layers, 2, n, heads, head_dim]`` for target tokens
+    ``[start, start + n)`` into the request's blocks."""
+    n = kv.shape[2]
+    blocks, idx = _addresses(block_ids, start, n, order, heads, tpb, head_dim)
+    for layer in range(kv.shape[0]):
+        for which in range(2):
+            pool[:, layer, which][blocks, idx] = kv[layer, which].to(pool.dtype)
 
 
 def write_request_kv(pool, order, block_ids, kv: torch.Tensor, heads, tpb, head_dim) -> None:
-    """Emulate TensorRT-LLM's forward writing a prompt's KV ``[num_layers, 2, n, heads, head_dim]`` into the
-    request's blocks (token ``t`` in ``block_ids[t // tpb]``, offset ``t % tpb``)."""
-    for layer in range(kv.shape[0]):
-        for which in range(2):
-            for t in range(kv.shape[2]):
-                write_token(pool, order, block_ids[t // tpb], layer, which, t % tpb, kv[layer, which, t], heads, tpb,
-                            head_dim)
+    """A whole prompt's KV (tokens ``[0, n)``) into its blocks."""
+    write_tokens(pool, order, block_ids, 0, kv, heads, tpb, head_dim)
+
+
+# ------------------------------------------------------------------------------------------ the executor's call order
+class Executor:
+    """TensorRT-LLM's call order for a connector, one request at a time, around the two real adapter classes.
+
+    Per request (``run``): ``KVCacheManager.addSequence`` asks ``get_num_new_matched_tokens(request, own_hit)`` and
+    allocates the blocks (``update_state_after_alloc``); the step's ``build_connector_meta`` sees the request in
+    ``new_requests`` with ``computed_position`` excluding the connector's tokens (``build_scheduler_output``); the
+    worker gets ``bind_connector_meta`` then ``start_load_kv`` before the forward; the forward is emulated: it
+    writes ``kv_fn(prompt)`` for the tokens it computes; ``wait_for_save`` after it; then ``request_finished``.
+    Both classes are built from one stand-in ``llm_args`` (as the executor does), so they share rank 0's state.
+    """
+
+    def __init__(self, monkeypatch, hf_config, kv_fn, *, num_blocks, tokens_per_block, mode="prefix", pool=None,
+                 dtype=torch.float32, **args):
+        import json
+
+        from semblend.integration.trtllm import connector
+
+        cfg = {"mode": mode, "min_donor_tokens": 32, "donor_kv_gpu_bytes": 1 << 28}
+        monkeypatch.setenv("TLLM_SEMBLEND_CONFIG", json.dumps(cfg))
+        self.args = llm_args(tokens_per_block=tokens_per_block, hf_config=hf_config, **args)
+        self.sched = connector.SemBlendKvConnectorScheduler(self.args)
+        self.worker = connector.SemBlendKvConnectorWorker(self.args)
+        g = connector.pool_geometry(self.args, hf_config)
+        self.geom = g
+        self.T = tokens_per_block
+        self.order = g.block_order
+        self.pool = make_pool(num_blocks, g.num_layers, g.num_kv_heads, g.tokens_per_block, g.head_dim,
+                              dtype=dtype) if pool is None else pool
+        self.num_blocks = num_blocks
+        self.kv_fn = kv_fn
+        self.worker.register_kv_caches(self.pool)
+        self.next_block = 0
+        self.loads = []
+
+    def blocks(self, n_tokens):
+        nb = -(-n_tokens // self.T)
+        ids = [(self.next_block + i) % self.num_blocks for i in range(nb)]
+        self.next_block += nb
+        return ids
+
+    def admit(self, req, own_hit=0):
+        n, is_async = self.sched.get_num_new_matched_tokens(req, own_hit)
+        assert is_async is False
+        ids = self.blocks(req.prompt_len)
+        self.sched.update_state_after_alloc(req, ids)
+        return n, ids
+
+    def step(self, req, ids, own_hit, n_matched):
+        prepopulated = own_hit + n_matched
+        rd = RequestData(req.request_id, req.get_tokens(0), list(ids), prepopulated - n_matched,
+                         req.prompt_len - prepopulated, cache_salt=getattr(req, "cache_salt", None))
+        meta = self.sched.build_connector_meta(SchedulerOutput(new_requests=[rd]))
+        self.loads.extend(meta.loads)
+        self.worker.bind_connector_meta(meta)
+        self.worker.start_load_kv(None)
+        kv = self.kv_fn(req.get_tokens(0))  # the forward computes [prepopulated, prompt_len)
+        g = self.geom
+        write_tokens(self.pool, self.order, ids[prepopulated // self.T:], prepopulated, kv[:, :, prepopulated:],
+                     g.num_kv_heads, self.T, g.head_dim)
+        self.worker.wait_for_save(None)
+        req.context_current_position = req.prompt_len
+        return meta
+
+    def run(self, req, own_hit=0):
+        n, ids = self.admit(req, own_hit)
+        meta = self.step(req, ids, own_hit, n)
+        assert self.sched.request_finished(req, ids) is False
+        return n, ids, meta
+
+    def read(self, ids, start, n, layer, which):
+        g = self.geom
+        return read_tokens(self.pool, self.order, ids[start // self.T:], start, n, layer, which, g.num_kv_heads,
+                           self.T, g.head_dim)
+
+    def stats(self):
+        return self.sched.pipeline.stats()
