@@ -34,7 +34,6 @@ the moment tokens are credited until the worker loaded it, so it cannot be evict
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,7 @@ import numpy as np
 from semblend.integration.trtllm._config import AdapterConfig, request_namespace
 from semblend.integration.trtllm._shared import SharedState
 from semblend.integration.vllm._metadata import LoadSpec, SaveSpec, StepPlan
-from semblend_core import CacheNamespace, Outcome, Reason, SemanticKvPlan
+from semblend_core import CacheNamespace, Outcome, SemanticKvPlan
 from semblend_core.errors import SemBlendError
 
 logger = logging.getLogger(__name__)

@@ -212,6 +212,6 @@ class _on_stream:
         if self._ctx is not None:
             self._ctx.__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)

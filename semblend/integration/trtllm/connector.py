@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SemBlendKvConnectorScheduler", "SemBlendKvConnectorWorker", "TRTLLM_BASE_MODULES", "trtllm_bases"]
+__all__ = ["TRTLLM_BASE_MODULES", "SemBlendKvConnectorScheduler", "SemBlendKvConnectorWorker", "trtllm_bases"]
 
 # Where TensorRT-LLM keeps the connector interface, newest first.
 TRTLLM_BASE_MODULES = (
@@ -130,12 +130,12 @@ def _text_config(hf_config: Any) -> Any:
 def pool_geometry(llm_args: Any, hf_config: Any) -> PoolGeometry:
     """What rank 0's pool holds: layers, KV heads per rank, tokens per block, head size, block order."""
     cfg = _text_config(hf_config)
-    heads = int(getattr(cfg, "num_attention_heads"))
+    heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or int(getattr(cfg, "hidden_size")) // heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads)
     tp = int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
     backend = str(getattr(llm_args, "attn_backend", "TRTLLM") or "TRTLLM").upper()
-    return PoolGeometry(num_layers=int(getattr(cfg, "num_hidden_layers")),
+    return PoolGeometry(num_layers=int(cfg.num_hidden_layers),
                         num_kv_heads=max(1, kv_heads // tp), tokens_per_block=tokens_per_block(llm_args),
                         head_dim=head_dim, block_order=BACKEND_LAYOUTS.get(backend, "HND"))
 

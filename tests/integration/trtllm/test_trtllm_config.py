@@ -7,7 +7,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-
 import trtllm_standins as S
 
 from semblend.integration.trtllm._config import (

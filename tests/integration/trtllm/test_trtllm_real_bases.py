@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
 import trtllm_standins as S
 
 from semblend.integration.trtllm import connector

@@ -209,7 +209,7 @@ def test_lora_task_partitions_donors(monkeypatch):
 def test_chunked_prefill_captures_at_the_last_chunk(monkeypatch):
     ex = executor(monkeypatch)
     req = S.LlmRequest(1, DOC + A)
-    n, ids = ex.admit(req)
+    _n, ids = ex.admit(req)
     first = S.RequestData(1, req.get_tokens(0), ids, 0, 128)
     assert not ex.sched.build_connector_meta(S.SchedulerOutput(new_requests=[first])).saves
     rest = S.RequestData(1, [], [], 128, 128)

@@ -15,7 +15,6 @@ import inspect
 import sys
 
 import pytest
-
 import trtllm_standins as S
 
 from semblend.integration.trtllm import connector
@@ -56,8 +55,8 @@ def test_the_standins_are_the_table():
 def test_the_module_is_loadable_by_name_like_the_executor_does():
     """The executor does ``importlib.import_module(connector_module)`` then ``getattr`` of both class names."""
     mod = importlib.import_module("semblend.integration.trtllm.connector")
-    assert getattr(mod, "SemBlendKvConnectorScheduler") is connector.SemBlendKvConnectorScheduler
-    assert getattr(mod, "SemBlendKvConnectorWorker") is connector.SemBlendKvConnectorWorker
+    assert mod.SemBlendKvConnectorScheduler is connector.SemBlendKvConnectorScheduler
+    assert mod.SemBlendKvConnectorWorker is connector.SemBlendKvConnectorWorker
 
 
 def test_bases_are_plain_without_tensorrt_llm(monkeypatch):

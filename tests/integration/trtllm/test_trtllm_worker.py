@@ -157,7 +157,7 @@ def test_start_load_kv_writes_rerotated_donor_kv_into_the_requests_blocks_only(m
 
 def test_a_credited_load_that_cannot_run_fails_the_step():
     """Tokens were credited, TensorRT-LLM will not compute them: the worker must not leave stale KV in place."""
-    worker, pool, shared, store = make()
+    worker, pool, shared, _store = make()
     spec = LoadSpec("r", NS, "gone", 0, 0, 16, (1, 2), T)
     before = pool.clone()
     with pytest.raises(KvLoadError, match="credited load"):
@@ -185,7 +185,7 @@ def test_wait_for_save_captures_a_prompt_and_a_load_round_trips(order):
 
 
 def test_evictions_are_reported():
-    worker, pool, shared, _ = make()
+    worker, _pool, shared, _ = make()
     small = KvTensorStore(device_bytes=L * 2 * 20 * H * D * 4, device="cpu")  # room for one 20-token donor
     worker.store = small
     for i in range(2):
