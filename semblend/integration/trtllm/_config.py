@@ -174,22 +174,27 @@ def base_namespace(llm_args: Any, hf_config: Any, *, tenant: str = "") -> CacheN
     )
 
 
-def request_salt(request: Any) -> str:
-    """A request's cache salt: ``cache_salt`` (newer releases, a string) or ``cache_salt_id`` (older, an int).
+def request_salt(request: Any) -> str | None:
+    """A request's cache salt: ``cache_salt`` (newer releases, a string) or ``cache_salt_id`` (older, an int); ``""``
+    for a request without one; None when the request exposes neither attribute (the salt is unknown).
 
     ``RequestData``'s docstring: connectors that key content on tokens MUST mix the salt into their identifiers.
     """
-    salt = getattr(request, "cache_salt", None)
-    if salt in (None, ""):
-        salt = getattr(request, "cache_salt_id", None)
-    return "" if salt in (None, "") else str(salt)
+    known = False
+    for name in ("cache_salt", "cache_salt_id"):
+        if hasattr(request, name):
+            known = True
+            salt = getattr(request, name)
+            if salt not in (None, ""):
+                return str(salt)
+    return "" if known else None
 
 
 def request_namespace(base: CacheNamespace, request: Any) -> CacheNamespace:
     """``base`` specialised with the request's LoRA task and cache salt."""
     lora = getattr(request, "lora_task_id", None)
     lora_key = "" if lora in (None, -1) else f"task:{lora}"
-    salt = request_salt(request)
+    salt = request_salt(request) or ""
     if not lora_key and not salt:
         return base
     return dataclasses.replace(base, lora=lora_key, cache_salt=salt)

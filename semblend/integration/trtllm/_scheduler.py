@@ -26,8 +26,9 @@ only (donor and target share tokens ``[0, n)``: the donor's KV is what this prom
 every other hit with ``approximate_kv_not_isolable`` before crediting. The worker's loader re-rotates shifted KV
 correctly (tests show it); it is the pool's publication rule, not the math, that keeps shifted loads off here.
 
-Every other reason to decline is also checked before tokens are credited: a partial-block engine hit, the donor's
-KV not resident (or its worker unusable), fewer stored tokens than the span. The donor's store entry is leased from
+Every other reason to decline is also checked before tokens are credited: a partial-block engine hit, a request
+whose binding exposes no cache salt (neither ``cache_salt`` nor ``cache_salt_id``: its namespace is unknown), the
+donor's KV not resident (or its worker unusable), fewer stored tokens than the span. The donor's store entry is leased from
 the moment tokens are credited until the worker loaded it, so it cannot be evicted in between.
 """
 
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from semblend.integration.trtllm._config import AdapterConfig, request_namespace
+from semblend.integration.trtllm._config import AdapterConfig, request_namespace, request_salt
 from semblend.integration.trtllm._shared import SharedState
 from semblend.integration.vllm._metadata import LoadSpec, SaveSpec, StepPlan
 from semblend_core import CacheNamespace, Outcome, SemanticKvPlan
@@ -60,6 +61,7 @@ class DeclineReason:
     APPROXIMATE_KV_NOT_ISOLABLE = "approximate_kv_not_isolable"
     DONOR_KV_EVICTED = "donor_kv_evicted"
     WORKER_UNAVAILABLE = "worker_unavailable"
+    CACHE_SALT_UNKNOWN = "cache_salt_unknown"
     NOT_SCHEDULED = "load_not_scheduled"
     LOAD_FAILED = "load_failed"
     ABORTED = "aborted"
@@ -80,6 +82,7 @@ class _RequestState:
     namespace: CacheNamespace
     prompt: np.ndarray
     num_prompt_tokens: int
+    salt_known: bool = True
     decision: _Decision | None = None
     plan: SemanticKvPlan | None = None
     outcome_recorded: bool = False
@@ -130,7 +133,8 @@ class SchedulerSide:
             n = getattr(request, "prompt_len", None)
             n = len(tokens) if n is None else int(n)
             prompt = np.fromiter(tokens[:n], dtype=np.int64, count=n)
-            st = _RequestState(req_id, request_namespace(self.base_namespace, request), prompt, n)
+            st = _RequestState(req_id, request_namespace(self.base_namespace, request), prompt, n,
+                               salt_known=request_salt(request) is not None)
             self._requests[req_id] = st
         return st
 
@@ -196,6 +200,8 @@ class SchedulerSide:
             d.reason = DeclineReason.ENGINE_PREFIX_COVERS
         elif not span.context_exact:
             d.reason = DeclineReason.APPROXIMATE_KV_NOT_ISOLABLE  # module docstring: rule 3
+        elif not st.salt_known:
+            d.reason = DeclineReason.CACHE_SALT_UNKNOWN  # the request could belong to another salt (rule 4)
         elif self.shared.unusable_reason is not None:
             d.reason = DeclineReason.WORKER_UNAVAILABLE
         else:

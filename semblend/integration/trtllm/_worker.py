@@ -51,10 +51,11 @@ class WorkerSide:
     ``geometry``: what the pool must be (from the model config and ``llm_args``). ``rope``: the model's
     :class:`RopeSpec` for shifted loads, or None when re-rotation is not exact (a shifted load then raises; the
     scheduler never stages one, see ``_scheduler``). ``store``: a ``KvTensorStore`` (built on the pool's device
-    with ``device_bytes`` / ``host_bytes`` when None). ``materialize``: False in discovery mode (nothing is bound).
+    with ``device_bytes`` / ``host_bytes`` when None). ``materialize``: False in discovery mode (nothing is bound;
+    ``geometry`` may then be None).
     """
 
-    def __init__(self, shared: SharedState, geometry: PoolGeometry, rope: RopeSpec | None, *, store: Any = None,
+    def __init__(self, shared: SharedState, geometry: PoolGeometry | None, rope: RopeSpec | None, *, store: Any = None,
                  device_bytes: int = 0, host_bytes: int = 0, materialize: bool = True) -> None:
         self.shared = shared
         self.geometry = geometry
@@ -62,7 +63,9 @@ class WorkerSide:
         self.store = store
         self.materialize = materialize
         self._capacity = (int(device_bytes), int(host_bytes))
-        self._copy_rope = copy_spec(geometry.head_dim)
+        if materialize and geometry is None:
+            raise ValueError("a materializing worker needs the pool geometry")
+        self._copy_rope = copy_spec(geometry.head_dim) if geometry is not None else None
         self._pool: KvCacheView | None = None
         self._known: set[tuple[str, str]] = set()
 

@@ -206,7 +206,7 @@ class SemBlendKvConnectorWorker(_WorkerBase):
         if self.adapter.materializes:
             check_materializing(llm_args)
         hf_config = _hf_config(llm_args) if self.adapter.materializes else None
-        geometry = pool_geometry(llm_args, hf_config) if hf_config is not None else PoolGeometry(0, 1, 1, 2)
+        geometry = pool_geometry(llm_args, hf_config) if hf_config is not None else None
         self.side = WorkerSide(shared_state_for(llm_args), geometry,
                                _rope(hf_config) if hf_config is not None else None,
                                device_bytes=self.adapter.donor_kv_gpu_bytes,

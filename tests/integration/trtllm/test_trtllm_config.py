@@ -15,6 +15,7 @@ from semblend.integration.trtllm._config import (
     check_materializing,
     load_settings,
     request_namespace,
+    request_salt,
     tokens_per_block,
 )
 from semblend_core import ConfigError
@@ -88,3 +89,4 @@ def test_tokens_per_block_and_namespace():
     assert request_namespace(ns, S.LlmRequest(1, [1], cache_salt_id=42)).cache_salt == "42"
     assert request_namespace(ns, S.LlmRequest(1, [1], lora_task_id=3)).lora == "task:3"
     assert request_namespace(ns, S.LlmRequest(1, [1])) is ns
+    assert request_salt(S.LlmRequest(1, [1])) == "" and request_salt(S.LlmRequest(1, [1], salt_bound=False)) is None

@@ -199,6 +199,13 @@ def test_cache_salt_partitions_donors(monkeypatch, attr):
     assert ex.run(S.LlmRequest(4, DOC + Q, **{attr: salt_a}))[0] == 192
 
 
+def test_a_request_without_a_readable_salt_is_never_loaded(monkeypatch):
+    ex = executor(monkeypatch)
+    ex.run(S.LlmRequest(1, DOC + A))
+    assert ex.run(S.LlmRequest(2, DOC + Q, salt_bound=False))[0] == 0
+    assert ex.stats()["reasons"].get(DeclineReason.CACHE_SALT_UNKNOWN) == 1
+
+
 def test_lora_task_partitions_donors(monkeypatch):
     ex = executor(monkeypatch)
     ex.run(S.LlmRequest(1, DOC + A, lora_task_id=5))

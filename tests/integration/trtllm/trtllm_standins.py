@@ -81,15 +81,15 @@ class LlmRequest:
     older ``cache_salt_id``, ``lora_task_id``)."""
 
     def __init__(self, request_id: int, tokens: list[int], *, cache_salt: str | None = None,
-                 cache_salt_id: int | None = None, lora_task_id: int | None = None) -> None:
+                 cache_salt_id: int | None = None, lora_task_id: int | None = None, salt_bound: bool = True) -> None:
         self.request_id = request_id
         self._tokens = list(tokens)
         self.prompt_len = len(tokens)
         self.context_current_position = 0
         if cache_salt is not None:
-            self.cache_salt = cache_salt
-        if cache_salt_id is not None:
-            self.cache_salt_id = cache_salt_id
+            self.cache_salt = cache_salt  # newer bindings (a string)
+        elif salt_bound:
+            self.cache_salt_id = cache_salt_id  # older bindings: an optional int, None without a salt
         self.lora_task_id = lora_task_id
 
     def get_tokens(self, beam: int) -> list[int]:
