@@ -68,6 +68,10 @@ class WorkerSide:
         self._copy_rope = copy_spec(geometry.head_dim) if geometry is not None else None
         self._pool: KvCacheView | None = None
         self._known: set[tuple[str, str]] = set()
+        # The last plan whose loads / captures ran: a step without new metadata may leave the previous plan bound,
+        # and its blocks may belong to another request by then, so a plan is executed once.
+        self._loaded_plan: StepPlan | None = None
+        self._saved_plan: StepPlan | None = None
 
     # ------------------------------------------------------------------ registration
     def register_kv_caches(self, kv_cache_tensor: Any) -> None:
@@ -109,8 +113,9 @@ class WorkerSide:
     def start_load_kv(self, plan: StepPlan | None, stream: Any = None) -> None:
         """Write every load of this step into the pool, on ``stream`` (the forward's). Raises
         :class:`KvLoadError` for a load that cannot be written (module docstring)."""
-        if not plan or not plan.loads:
+        if not plan or not plan.loads or plan is self._loaded_plan:
             return
+        self._loaded_plan = plan
         with _on_stream(stream):
             for spec in plan.loads:
                 t0 = time.perf_counter()
@@ -160,8 +165,9 @@ class WorkerSide:
     # ------------------------------------------------------------------ captures
     def wait_for_save(self, plan: StepPlan | None, stream: Any = None) -> None:
         """After the forward: copy finished prompts' KV out of the pool into the donor store."""
-        if not plan or not plan.saves:
+        if not plan or not plan.saves or plan is self._saved_plan:
             return
+        self._saved_plan = plan
         with _on_stream(stream):
             for spec in plan.saves:
                 self._capture(spec)

@@ -155,6 +155,18 @@ def test_start_load_kv_writes_rerotated_donor_kv_into_the_requests_blocks_only(m
     assert shared.num_pins() == 0  # the scheduler's lease is released once the load ran
 
 
+def test_a_plan_left_bound_is_not_executed_twice():
+    """If a step binds no new metadata, the previous plan's blocks may belong to another request by now."""
+    worker, pool, shared, store = make()
+    store.put(NS, "donor", donor_kv(32), list(range(32)))
+    plan = StepPlan(loads=(LoadSpec("r", NS, "donor", 0, 0, T, (3,), T),))
+    worker.start_load_kv(plan)
+    pool[3].zero_()  # block 3 now holds another request's KV
+    worker.start_load_kv(plan)
+    assert pool[3].count_nonzero() == 0
+    assert shared.take_reports().loaded == [("r", T)]
+
+
 def test_a_credited_load_that_cannot_run_fails_the_step():
     """Tokens were credited, TensorRT-LLM will not compute them: the worker must not leave stale KV in place."""
     worker, pool, shared, _store = make()
