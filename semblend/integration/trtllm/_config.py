@@ -37,8 +37,9 @@ from semblend_core import CacheNamespace, ConfigError, SemBlendConfig
 AdapterConfig = VllmAdapterConfig  # same keys, same validation (see the module docstring)
 
 CONFIG_ENV = "TLLM_SEMBLEND_CONFIG"
-# Attention backends whose paged-pool layout is known (see ``_layout``), and the per-block order each one uses.
-BACKEND_LAYOUTS: dict[str, str] = {"TRTLLM": "HND", "VANILLA": "NHD", "FLASHINFER": "NHD"}
+# Attention backends whose paged-pool layout was read from TensorRT-LLM's source (see ``_layout``), and the order
+# inside a block each one uses. FLASHINFER is left out until its reading of the pool is confirmed.
+BACKEND_LAYOUTS: dict[str, str] = {"TRTLLM": "HND", "VANILLA": "NHD"}
 
 __all__ = [
     "BACKEND_LAYOUTS", "CONFIG_ENV", "MODES", "MODE_DISCOVERY_ONLY", "AdapterConfig", "base_namespace",

@@ -11,8 +11,8 @@ attention backend's:
 
 * ``TRTLLM`` (the default): ``[num_kv_heads, tokens_per_block, head_dim]`` (``KVBlockArray::getKVLocalIdx``:
   ``head * tokens_per_block * head_dim + token * head_dim + channel``; "we have remapped K layout as the same of V");
-* ``VANILLA`` / ``FLASHINFER``: ``[tokens_per_block, num_kv_heads, head_dim]`` (``KVCacheManager.get_buffers``
-  reshapes the layer's pool data NHD by default).
+* ``VANILLA``: ``[tokens_per_block, num_kv_heads, head_dim]`` (its attention reads ``KVCacheManager.get_buffers``,
+  which reshapes the layer's pool data NHD by default).
 
 Each layer's K (or V) is then a strided ``[num_blocks, H, T, D]`` (HND) or ``[num_blocks, T, H, D]`` (NHD) view of
 the pool with a block axis, which :class:`~semblend_core.kv_layout.KvLayout` describes as it is; the core's fused
