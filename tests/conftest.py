@@ -2,6 +2,7 @@
 
 * ``gpu``: needs a CUDA device (skipped on CPU-only machines such as CI).
 * ``engine_vllm`` / ``engine_sglang``: need the engine importable (CI runs them in cached engine environments).
+* ``engine_trtllm``: needs TensorRT-LLM importable (it cannot be installed on these machines).
 * ``slow``: real models or large data; run by default, skipped with ``--fast``.
 """
 
@@ -20,6 +21,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "engine_vllm: needs vLLM importable")
     config.addinivalue_line("markers", "engine_sglang: needs SGLang importable")
+    config.addinivalue_line("markers", "engine_trtllm: needs TensorRT-LLM importable")
     config.addinivalue_line("markers", "slow: real models or large inputs (skip with --fast)")
 
 
@@ -43,5 +45,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="vllm not installed: run scripts/setup_vllm_env.sh (make test does)"))
         if "engine_sglang" in item.keywords and importlib.util.find_spec("sglang") is None:
             item.add_marker(pytest.mark.skip(reason="sglang not installed"))
+        if "engine_trtllm" in item.keywords and importlib.util.find_spec("tensorrt_llm") is None:
+            item.add_marker(pytest.mark.skip(reason="tensorrt_llm not installed (not installable here)"))
         if "slow" in item.keywords and config.getoption("--fast"):
             item.add_marker(pytest.mark.skip(reason="--fast given"))
