@@ -313,6 +313,10 @@ class SemBlendRadixCache(RadixCache):
                 kv = donor.kv.to(slots.device, non_blocking=True)
                 src_slots = torch.from_numpy(load.donor_positions).to(slots.device)
                 rerotate_scatter(KvCacheView.from_donor_store(kv), self._view, src_slots, slots, deltas, rope)
+        if slots.device.type == "cuda":
+            # The forward may run on another stream (overlap scheduling): the slots must hold the KV before the
+            # scheduler hands them to a batch.
+            torch.cuda.current_stream(slots.device).synchronize()
         logger.debug("SemBlend: loaded %d tokens of %s from %s in %.2f ms", load.num_tokens, load.donor_id, source,
                      (time.perf_counter() - t0) * 1e3)
 
@@ -332,7 +336,9 @@ class SemBlendRadixCache(RadixCache):
         slots = self.path_device_indices(m.last_device_node)[:n]
         if self.adapter.kv_probe_dir:
             self._probe("donor", req.rid, prompt, slots, positions=list(range(n)))
-        if self.host_store is not None:
+        k0 = self._view.layers[0][0]
+        nbytes = 2 * len(self._view.layers) * n * k0[0].numel() * k0.element_size()
+        if self.host_store is not None and nbytes <= self.adapter.host_tier_bytes:
             kv = torch.stack([torch.stack((k[slots], v[slots])) for k, v in self._view.layers]).to("cpu")
             self.host_store.put(ns.key, str(req.rid), kv, prompt[:n], tier="host")
 

@@ -162,3 +162,49 @@ def test_launcher_adds_backend_and_takes_its_option():
     assert option == "@x.json" and rest == ["--radix-cache-backend=other"]
     with pytest.raises(SystemExit):
         split_args(["--semblend-config"])
+
+
+# ------------------------------------------------------------------------------------------------ factory checks
+def test_rope_of_accepts_plain_llama_and_refuses_length_dependent_rope():
+    from semblend.integration.sglang.factory import rope_of
+
+    llama = {"model_type": "llama", "rope_theta": 100000.0, "head_dim": 64, "num_attention_heads": 9,
+             "hidden_size": 576, "num_hidden_layers": 30}
+    spec, reason = rope_of(llama)
+    assert spec is not None and spec.exact and reason == ""
+    dynamic = dict(llama, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    spec, reason = rope_of(dynamic)
+    assert spec is None and reason
+
+
+def _ctx(**kw):
+    base = dict(disable_radix_cache=False, is_hybrid_swa=False, is_hybrid_ssm=False, is_dsa=False,
+                enable_hierarchical_cache=False, params=SimpleNamespace(is_eagle=False))
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({}, None),
+    ({"disable_radix_cache": True}, "--disable-radix-cache"),
+    ({"is_hybrid_swa": True}, "hybrid"),
+    ({"is_hybrid_ssm": True}, "hybrid"),
+    ({"enable_hierarchical_cache": True}, "hierarchical"),
+    ({"params": SimpleNamespace(is_eagle=True)}, "EAGLE"),
+])
+def test_factory_refuses_features_it_cannot_serve(kw, fragment):
+    from semblend.integration.sglang.factory import _refuse
+
+    reason = _refuse(_ctx(**kw))
+    assert (reason is None) if fragment is None else (fragment in reason)
+
+
+def test_package_import_does_not_import_sglang_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor m in ('sglang', 'torch', 'triton'): sys.modules[m] = None\n"
+            "import semblend.integration.sglang as s, semblend.integration.sglang.factory, "
+            "semblend.integration.sglang.launch\nassert s.BACKEND_NAME == 'semblend'\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
