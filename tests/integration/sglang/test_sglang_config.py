@@ -208,3 +208,20 @@ def test_package_import_does_not_import_sglang_or_torch():
             "semblend.integration.sglang.launch\nassert s.BACKEND_NAME == 'semblend'\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_outcome_counters_reach_prometheus_with_enable_metrics():
+    prom = pytest.importorskip("prometheus_client")
+    from semblend.integration.sglang.factory import _exporter
+    from semblend_core import SemBlendConfig, SemBlendPipeline
+
+    pipeline = SemBlendPipeline(SemBlendConfig())
+    assert _exporter(pipeline, SimpleNamespace(enable_metrics=False)) is None
+    exporter = _exporter(pipeline, SimpleNamespace(enable_metrics=True))
+    assert exporter is _exporter(pipeline, SimpleNamespace(enable_metrics=True))  # one per pipeline and process
+    plan = SemanticKvPlan(True, Reason.HIT, 100, CacheNamespace())
+    pipeline.record_outcome(plan, "materialized", loaded_tokens=64, reason="pool_prefix")
+    registry = prom.REGISTRY
+    assert registry.get_sample_value("semblend_requests_total",
+                                     {"outcome": "materialized", "reason": "pool_prefix"}) == 1.0
+    assert registry.get_sample_value("semblend_loaded_tokens_total") == 64.0
