@@ -6,8 +6,11 @@ Lifecycle of one ``generate`` call::
 
     ids = tokenize(prompt)
     plan = pipeline.plan(ids, text)                      # semblend_core: donor discovery + alignment (never raises)
-    if plan.is_hit and donor KV is resident:
-        k, v = assemble_kv(plan, donor_kv)               # donor KV moved to target positions (RoPE re-rotation)
+    if plan.is_hit and donor KV is resident:             # a lease on every donor in plan.donor_ids; a donor whose
+                                                         # KV is gone drops its spans (gates re-checked) or declines;
+                                                         # each span's tokens checked against its entry
+        k, v = assemble_kv(plan, donor_kv)               # each span from its donor's KV, moved to its target
+                                                         # positions (RoPE re-rotation by its own delta)
         logits = blend_prefill(model, ids, k, v, plan)   # one layer pass: seam / uncovered / deviation tokens
                                                          # and the suffix ids[P:]; logits of the last token
         pipeline.record_outcome(plan, "materialized", loaded_tokens=...)
