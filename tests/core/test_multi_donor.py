@@ -115,13 +115,19 @@ def test_gates_apply_to_the_union_and_one_donor_is_todays_behaviour():
     assert a.timings.multi_donor_s == 0.0
 
 
-def test_a_good_single_donor_skips_the_multi_donor_search():
-    p = pipe()
-    p.register_donor("r0", request([0, 1, 2], 0))
-    p.register_donor("r1", request([3, 1, 2], 1))
-    plan = p.plan(request([0, 1, 2], 0)[:-3])  # covered but for the always-recomputed tail: no gap worth filling
-    assert plan.is_hit and plan.donor_ids == ("r0",)
-    assert plan.timings.multi_donor_s < 1e-3
+def test_small_gaps_next_to_a_good_main_donor_are_not_worth_a_second_query():
+    # The main donor passes every gate; the prompt adds a block that another donor holds. Below 4% of the prompt
+    # the block is left to recompute (hot path: no second index query), above it a second donor fills it.
+    for block, expect in ((20, ("r0",)), (60, ("r0", "r1"))):
+        p = pipe()
+        body = [HEADER] + [passage(i) for i in range(7)]
+        p.register_donor("r0", np.concatenate(body + [question(0)]))
+        extra = np.random.default_rng(5).integers(70000, 80000, block)
+        p.register_donor("r1", np.concatenate([passage(30), extra, question(1)]))
+        target = np.concatenate(body + [extra, question(2)])
+        plan = p.plan(target)
+        assert plan.is_hit and plan.donor_ids == expect, block
+        check_invariants(p, plan, target)
 
 
 def test_max_donors_per_plan_bounds_the_donors():
