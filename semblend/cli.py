@@ -114,6 +114,8 @@ def _print_plan(plan: Any, outcome: str, donors: dict[str, str], tokenizer_name:
     summary.add_row("outcome", f"[{color}]{outcome}[/{color}]")
     summary.add_row("reason", plan.reason)
     summary.add_row("donor", f"{plan.donor_id} ({donors.get(plan.donor_id, '')})" if plan.donor_id else "-")
+    if plan.multi_donor:
+        summary.add_row("donors", ", ".join(f"{d} ({donors.get(d, '')})" for d in plan.donor_ids))
     summary.add_row("discovery", plan.discovery or "-")
     summary.add_row("similarity", f"{plan.similarity:.4f}")
     summary.add_row("reuse ratio", f"{plan.reuse_ratio:.4f} ({plan.reused_tokens}/{plan.target_len} prompt tokens)")
@@ -133,13 +135,13 @@ def _print_plan(plan: Any, outcome: str, donors: dict[str, str], tokenizer_name:
     _console.print(summary)
     if plan.spans:
         spans = Table(title=f"exact spans ({len(plan.spans)})")
-        for col in ("donor start", "target start", "length", "delta", "context-exact"):
+        for col in ("donor", "donor start", "target start", "length", "delta", "context-exact"):
             spans.add_column(col, justify="right")
         for s in plan.spans[:max_rows]:
-            spans.add_row(str(s.donor_start), str(s.target_start), str(s.length), f"{s.delta:+d}",
-                          "yes" if s.context_exact else "no")
+            spans.add_row(str(plan.donor_of(s)), str(s.donor_start), str(s.target_start), str(s.length),
+                          f"{s.delta:+d}", "yes" if s.context_exact else "no")
         if len(plan.spans) > max_rows:
-            spans.add_row("...", f"+{len(plan.spans) - max_rows} more", "", "", "")
+            spans.add_row("...", "", f"+{len(plan.spans) - max_rows} more", "", "", "")
         _console.print(spans)
     if plan.fuzzy_spans:
         fz = Table(title=f"fuzzy regions ({len(plan.fuzzy_spans)}, recomputed, evidence only)")

@@ -44,6 +44,9 @@ class SemBlendConfig:
     ann_backend: str = "exact"
     max_candidates: int = 4
     max_donors: int = 10_000
+    # Donors one plan may draw spans from (1: single-donor plans). Further donors fill the target regions the
+    # best donor leaves uncovered (RAG prompts assembled from passages that earlier requests used in other mixes).
+    max_donors_per_plan: int = 4
     # Alignment: k-gram size of the rolling hash, winnowing window, and the shortest exact span worth reusing.
     shingle_tokens: int = 8
     winnow_window: int = 8
@@ -80,6 +83,7 @@ class SemBlendConfig:
         int_ranges = {
             "min_prompt_tokens": (1, 1 << 30), "max_prompt_tokens": (1, 1 << 30), "max_candidates": (1, 64),
             "max_donors": (1, 1 << 26), "shingle_tokens": (2, 64), "winnow_window": (1, 256),
+            "max_donors_per_plan": (1, 64),
             "chunk_size": (2, 4096), "seam_recompute_tokens": (0, 4096),
         }
         for name, (lo, hi) in int_ranges.items():

@@ -12,14 +12,16 @@ Call order for one request (adapters do exactly this)::
 ``plan`` stages, in order: validate -> exact-prefix check (rule 1: when the engine's own prefix cache leaves fewer
 than ``chunk_size`` tokens to compute, nothing semantic runs) -> anchor discovery (``donor_store.candidates``) ->
 alignment of the top candidates -> embedding discovery only when anchors found nothing and text is given ->
-quality gates (similarity, reuse ratio, exact-only, gain over the engine prefix) -> recompute ranges and the
-bathtub layer policy -> frozen ``SemanticKvPlan``. Any exception inside becomes a miss with reason
-``internal_error`` (rule 5); only ``register_donor`` raises, and only for bad input.
+further donors for the regions the best one leaves uncovered (``max_donors_per_plan > 1``, see ``_fill_gaps``) ->
+quality gates on the union of all donors' spans (similarity, reuse ratio, exact-only, gain over the engine
+prefix) -> recompute ranges and the bathtub layer policy -> frozen ``SemanticKvPlan``. Any exception inside
+becomes a miss with reason ``internal_error`` (rule 5); only ``register_donor`` raises, and only for bad input.
 """
 
 from __future__ import annotations
 
 import array
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -34,13 +36,20 @@ from semblend_core.config import SemBlendConfig
 from semblend_core.donor_store import DonorRecord, DonorStore
 from semblend_core.errors import InvalidInputError, InvalidTokensError
 from semblend_core.namespace import CacheNamespace
-from semblend_core.plan import Outcome, PlanTimings, Reason, SemanticKvPlan, Span
+from semblend_core.plan import FuzzySpan, Outcome, PlanTimings, Reason, SemanticKvPlan, Span
 from semblend_core.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
 MAX_TOKEN_ID = (1 << 31) - 1
 _GOOD_ENOUGH_COVERAGE = 0.98  # stop aligning further candidates once one covers this much of the prompt
+# A further donor is aligned only if the index estimates it shares at least this many chunks' worth of k-grams
+# with the uncovered regions (half a chunk leaves room for the sketch's sampling noise).
+_GAP_SCORE_FLOOR = 0.5
+# When the main donor alone passes the gates, further donors are looked for only if the gaps of >= chunk_size
+# tokens add up to this fraction of the prompt: smaller gaps are not worth a second index query on the hot path
+# (a 64-token fresh instruction in a 2K prompt cost +0.15 ms p50 for nothing in the lookup benchmark).
+_WORTH_FILLING = 0.04
 
 
 def validate_tokens(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -124,6 +133,35 @@ def recompute_ranges(spans: Sequence[Span], target_len: int, seam_tokens: int) -
     if cursor < target_len:
         out.append((cursor, target_len))
     return tuple(out)
+
+
+def _coverage(spans: Sequence[Span], m: int) -> np.ndarray:
+    """Boolean ``[m]``: target positions some span covers."""
+    covered = np.zeros(m, dtype=bool)
+    for s in spans:
+        covered[s.target_start:s.target_end] = True
+    return covered
+
+
+def _uncovered_pieces(span: Span, covered: np.ndarray, min_len: int) -> list[Span]:
+    """The parts of ``span`` (same diagonal, same donor) over uncovered target positions, each >= ``min_len``."""
+    free = ~covered[span.target_start:span.target_end]
+    if free.all():
+        return [span] if span.length >= min_len else []
+    padded = np.concatenate(([False], free, [False])).view(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    out = []
+    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        if b - a >= min_len:
+            out.append(Span(span.donor_start + a, span.target_start + a, b - a, span.donor_id))
+    return out
+
+
+def _fuzzy_outside(fuzzy: Sequence[FuzzySpan], spans: Sequence[Span], main_donor: str) -> tuple[FuzzySpan, ...]:
+    """The main donor's fuzzy regions that no other donor's exact span now covers (evidence stays unambiguous)."""
+    others = [s for s in spans if s.donor_id != main_donor]
+    return tuple(f for f in fuzzy
+                 if not any(s.target_start < f.target_end and f.target_start < s.target_end for s in others))
 
 
 class SemBlendPipeline:
@@ -265,17 +303,161 @@ class SemBlendPipeline:
             outcome, reason = Outcome.DECLINED, reason or "nothing_loaded"
         self.telemetry.record(outcome, reason or plan.reason, loaded_tokens if outcome == Outcome.MATERIALIZED else 0)
 
+    def drop_donors(self, plan: SemanticKvPlan, donor_ids: Sequence[str]) -> SemanticKvPlan:
+        """``plan`` without the spans of ``donor_ids`` (e.g. their KV is gone), with the quality gates re-applied.
+
+        Pure (no telemetry, no store access); adapters call it between planning and loading. The result is a hit
+        whose recompute ranges, main donor (the remaining donor covering the most) and union similarity are
+        recomputed, or a miss whose reason names the gate that failed (``details["dropped_donors"]`` lists what
+        was removed). A plan that uses none of ``donor_ids`` comes back unchanged.
+        """
+        drop = set(donor_ids)
+        if not plan.is_hit or not drop.intersection(plan.donor_ids):
+            return plan
+        cfg = self.config
+        m = plan.target_len
+        spans = [dataclasses.replace(s, donor_id=plan.donor_of(s)) for s in plan.spans
+                 if plan.donor_of(s) not in drop]
+        lens = dict(plan.detail("donor_lens") or {})
+        if plan.donor_id is not None:
+            lens.setdefault(plan.donor_id, plan.donor_len)
+        per_donor: dict[str, int] = {}
+        for sp in spans:
+            per_donor[sp.donor_id] = per_donor.get(sp.donor_id, 0) + sp.length
+        details = dict(plan.details)
+        details["dropped_donors"] = sorted(drop.intersection(plan.donor_ids))
+        fuzzy = plan.fuzzy_spans if plan.donor_id not in drop else ()
+        base = {"engine_prefix_tokens": plan.engine_prefix_tokens, "timings": plan.timings,
+                "strict_prefix_boundary": plan.strict_prefix_boundary, "discovery": plan.discovery}
+        if not spans:
+            return SemanticKvPlan(False, Reason.BELOW_MIN_REUSE_RATIO, m, plan.namespace,
+                                  details=tuple(details.items()), **base)
+        main = max(per_donor, key=lambda d: (per_donor[d], d == plan.donor_id))
+        n_d = int(lens.get(main, 0)) or max(s.donor_end for s in spans if s.donor_id == main)
+        overlap = per_donor[main] / max(1, min(m, n_d))
+        union = sum(per_donor.values()) / m
+        similarity = overlap if len(per_donor) == 1 else max(overlap, union)  # token evidence, as in ``plan``
+        common = dict(donor_id=main, donor_len=n_d, similarity=float(similarity), **base)
+        reused = sum(per_donor.values())
+        if similarity < cfg.min_similarity:
+            reason = Reason.BELOW_MIN_SIMILARITY
+        elif reused / m < cfg.min_reuse_ratio:
+            reason = Reason.BELOW_MIN_REUSE_RATIO
+        elif sum(max(0, s.target_end - max(s.target_start, plan.engine_prefix_tokens)) for s in spans) \
+                < cfg.chunk_size:
+            reason = Reason.NO_GAIN_OVER_EXACT_PREFIX
+        else:
+            return SemanticKvPlan(
+                True, Reason.HIT, m, plan.namespace, spans=tuple(spans), fuzzy_spans=fuzzy,
+                recompute_ranges=recompute_ranges(spans, m, cfg.seam_recompute_tokens),
+                layer_recompute=plan.layer_recompute, recompute_budget=plan.recompute_budget,
+                details=tuple(details.items()), **common,
+            )
+        details["reuse_ratio"] = round(reused / m, 6)
+        return SemanticKvPlan(False, reason, m, plan.namespace, details=tuple(details.items()), **common)
+
     def stats(self) -> dict[str, Any]:
         snap = self.telemetry.snapshot()
         snap["store"] = self.store.stats()
         return snap
 
     # ------------------------------------------------------------------ internals
+    def _fill_gaps(self, tokens: np.ndarray, target_anchors: TargetAnchors, spans: list[Span], main: DonorRecord,
+                   ns: CacheNamespace, aligned: dict[int, tuple[DonorRecord, Alignment]], min_gap_total: int = 0
+                   ) -> tuple[list[Span], list[DonorRecord]]:
+        """Further donors for the target regions ``spans`` (the main donor's) leave uncovered.
+
+        Only gaps of at least ``chunk_size`` tokens count; when there are none, or they add up to fewer than
+        ``min_gap_total`` tokens (the common single-donor hit), this returns at once. Otherwise the anchor index is
+        queried with the gaps' own anchors, so candidates are ranked by what they share with the *uncovered* part
+        (their score estimates it). Donors are then added greedily, each time the one whose spans cover the most
+        still-uncovered tokens (trimmed to those tokens), until ``max_donors_per_plan`` donors are used, no gap of
+        ``chunk_size`` is left, or no donor adds ``chunk_size`` tokens. Alignment is lazy: a candidate is aligned
+        (diagonals seeded from gap anchors only, no fuzzy fill: fuzzy regions stay the main donor's evidence) only
+        while its score could beat the best gain in hand; ``aligned`` (slot -> alignment of the main loop's
+        candidates against the whole prompt) is reused as is. Returns the union of spans (target order, each
+        naming its donor) and the added donors in selection order.
+        """
+        cfg = self.config
+        m = int(tokens.shape[0])
+        covered = _coverage(spans, m)
+        gap_anchors = self._gap_anchors(target_anchors, covered, min_gap_total)
+        if gap_anchors is None:
+            return spans, []
+        limit = max(cfg.max_candidates, 2 * (cfg.max_donors_per_plan - 1))
+        floor = _GAP_SCORE_FLOOR * cfg.chunk_size
+        cands = [c for c in self.store.candidates(gap_anchors.unique_hashes(), ns.key, limit + 1)
+                 if c.slot != main.slot and c.score >= floor][:limit]
+        params = dataclasses.replace(self._align_params, fuzzy=False)
+        pending = list(cands)  # by score, best first: aligned on demand
+        pool: list[tuple[DonorRecord, tuple[Span, ...]]] = []
+        for slot, (rec, aln) in aligned.items():
+            if slot != main.slot and aln.spans:
+                pool.append((rec, tuple(dataclasses.replace(s, donor_id=rec.donor_id) for s in aln.spans)))
+        in_pool = {rec.slot for rec, _ in pool}
+        pending = [c for c in pending if c.slot not in in_pool]
+        added: list[DonorRecord] = []
+        out = list(spans)
+        while 1 + len(added) < cfg.max_donors_per_plan:
+            best_i, best_pieces, best_gain = -1, [], 0
+            for i, (_, cand_spans) in enumerate(pool):
+                pieces = [p for s in cand_spans for p in _uncovered_pieces(s, covered, cfg.chunk_size)]
+                gain = sum(p.length for p in pieces)
+                if gain > best_gain:
+                    best_i, best_pieces, best_gain = i, pieces, gain
+            # The index score estimates shared k-grams with the gaps as first queried (~ tokens - k + 1 per run):
+            # align the next candidate only if it might still beat what is in hand.
+            if pending and pending[0].score + cfg.shingle_tokens > best_gain:
+                cand = pending.pop(0)
+                rec = self.store.get(cand.slot)
+                if rec is not None and rec.namespace_key == ns.key and rec.donor_id != main.donor_id:
+                    aln = align(rec.tokens, tokens, params, rec.hashes, gap_anchors)
+                    if aln.spans:
+                        pool.append((rec, tuple(dataclasses.replace(s, donor_id=rec.donor_id) for s in aln.spans)))
+                continue
+            if best_gain < cfg.chunk_size:
+                break
+            rec, _ = pool.pop(best_i)
+            for p in best_pieces:
+                covered[p.target_start:p.target_end] = True
+            out.extend(best_pieces)
+            added.append(rec)
+            if self._gap_anchors(target_anchors, covered) is None:
+                break  # nothing worth filling is left
+        if added:
+            out.sort(key=lambda s: s.target_start)
+        return out, added
+
+    def _gap_anchors(self, target_anchors: TargetAnchors, covered: np.ndarray, min_total: int = 0
+                     ) -> TargetAnchors | None:
+        """The prompt's anchors lying wholly inside uncovered runs of >= ``chunk_size`` tokens (None: no such gap,
+        the gaps total fewer than ``min_total`` tokens, or the prompt is covered to ``_GOOD_ENOUGH_COVERAGE``)."""
+        cfg = self.config
+        m = covered.shape[0]
+        if covered.sum() >= _GOOD_ENOUGH_COVERAGE * m:
+            return None
+        padded = np.concatenate(([False], ~covered, [False])).view(np.int8)
+        edges = np.flatnonzero(np.diff(padded))
+        starts, ends = edges[0::2], edges[1::2]
+        keep = ends - starts >= cfg.chunk_size
+        if not keep.any() or int((ends - starts)[keep].sum()) < min_total:
+            return None
+        marks = np.zeros(m + 1, dtype=np.int64)  # +1 at gap starts, -1 at gap ends: the prefix sum marks gap tokens
+        np.add.at(marks, starts[keep], 1)
+        np.add.at(marks, ends[keep], -1)
+        gap_mask = np.cumsum(marks[:m]) > 0
+        gap_id = np.cumsum(~gap_mask)  # constant across one gap: an anchor lies inside one gap iff both ends agree
+        pos = target_anchors.positions
+        last = np.minimum(pos + cfg.shingle_tokens - 1, m - 1)
+        sel = gap_mask[pos] & gap_mask[last] & (gap_id[pos] == gap_id[last])
+        if not sel.any():
+            return None
+        return TargetAnchors(target_anchors.hashes[sel], pos[sel])  # still sorted by hash
+
     def _miss(self, reason: str, n: int, ns: CacheNamespace, start: float, **kw: Any) -> SemanticKvPlan:
         details = tuple(kw.pop("details", {}).items())
         timings = kw.pop("timings", None) or PlanTimings()
-        timings = PlanTimings(timings.discovery_s, timings.embedding_s, timings.alignment_s,
-                              time.perf_counter() - start)
+        timings = dataclasses.replace(timings, total_s=time.perf_counter() - start)
         return SemanticKvPlan(False, reason, n, ns, timings=timings, details=details, **kw)
 
     def _plan(self, token_ids: Sequence[int], text: str | None, ns: CacheNamespace, engine_prefix_tokens: int,
@@ -315,11 +497,19 @@ class SemBlendPipeline:
         # it, so it is not worth aligning (half the gate leaves ample room for sampling noise).
         floor = 0.5 * cfg.min_reuse_ratio * max(1, m - cfg.shingle_tokens + 1)
         viable = [c for c in cands if c.score >= floor]
+        multi = cfg.max_donors_per_plan > 1 and not cfg.exact_materialization_only
+        if multi and not viable and cands and cands[0].score >= _GAP_SCORE_FLOOR * cfg.chunk_size \
+                and sum(c.score for c in cands[:cfg.max_donors_per_plan]) >= floor:
+            # No donor alone can pass the reuse gate, but several together might (a RAG prompt whose passages
+            # earlier requests used in other mixes): align the strongest, and let gap filling below decide.
+            viable = cands[:1]
+        aligned: dict[int, tuple[DonorRecord, Alignment]] = {}  # slot -> alignment, for gap filling
         for cand in viable:
             rec = self.store.get(cand.slot)
             if rec is None or rec.namespace_key != ns.key:
                 continue
             aln = align(rec.tokens, tokens, self._align_params, rec.hashes, target_anchors)
+            aligned[rec.slot] = (rec, aln)
             if best is None or aln.matched_tokens > best[1].matched_tokens:
                 best = (rec, aln)
             if best[1].matched_tokens >= _GOOD_ENOUGH_COVERAGE * m:
@@ -355,10 +545,26 @@ class SemBlendPipeline:
         n_d = int(rec.tokens.shape[0])
         overlap = aln.matched_tokens / max(1, min(m, n_d))
         similarity = cosine if discovery == "embedding" and cosine is not None else overlap
-        spans = list(aln.spans)
+        spans = [dataclasses.replace(s, donor_id=rec.donor_id) for s in aln.spans]  # every span names its donor
+        fuzzy_spans = aln.fuzzy_spans
+        extra: list[DonorRecord] = []
+        if multi:
+            tg = time.perf_counter()
+            # Worth a second index query only if the main donor alone fails a gate, or leaves enough uncovered.
+            main_passes = similarity >= cfg.min_similarity and aln.matched_tokens >= cfg.min_reuse_ratio * m
+            spans, extra = self._fill_gaps(tokens, target_anchors, spans, rec, ns, aligned,
+                                           min_gap_total=int(_WORTH_FILLING * m) if main_passes else 0)
+            if extra:
+                covered = sum(s.length for s in spans)
+                similarity = max(similarity, covered / m)  # the union's similarity: the target fraction covered
+                fuzzy_spans = _fuzzy_outside(fuzzy_spans, spans, rec.donor_id)
+            gap_s = time.perf_counter() - tg
+            timings = dataclasses.replace(timings, alignment_s=timings.alignment_s + gap_s, multi_donor_s=gap_s)
         common = dict(donor_id=rec.donor_id, donor_len=n_d, similarity=float(similarity), discovery=discovery,
                       engine_prefix_tokens=engine_prefix_tokens, timings=timings)
         details = {"token_overlap": round(overlap, 6), "candidates": len(cands)}
+        if extra:
+            details["donor_lens"] = {r.donor_id: int(r.tokens.shape[0]) for r in (rec, *extra)}
         if cosine is not None:
             details["cosine"] = round(float(cosine), 6)
         if similarity < cfg.min_similarity:
@@ -375,12 +581,11 @@ class SemBlendPipeline:
         gain = sum(max(0, s.target_end - max(s.target_start, engine_prefix_tokens)) for s in spans)
         if gain < cfg.chunk_size:
             return self._miss(Reason.NO_GAIN_OVER_EXACT_PREFIX, m, ns, start, details=details, **common)
-        self.store.touch(rec)
-        timings = PlanTimings(timings.discovery_s, timings.embedding_s, timings.alignment_s,
-                              time.perf_counter() - start)
-        common["timings"] = timings
+        for r in (rec, *extra):
+            self.store.touch(r)
+        common["timings"] = dataclasses.replace(timings, total_s=time.perf_counter() - start)
         return SemanticKvPlan(
-            True, Reason.HIT, m, ns, spans=tuple(spans), fuzzy_spans=aln.fuzzy_spans,
+            True, Reason.HIT, m, ns, spans=tuple(spans), fuzzy_spans=fuzzy_spans,
             recompute_ranges=recompute_ranges(spans, m, cfg.seam_recompute_tokens),
             layer_recompute=self._layer_policy, recompute_budget=cfg.recompute_budget,
             strict_prefix_boundary=cfg.strict_prefix_boundary, details=tuple(details.items()), **common,

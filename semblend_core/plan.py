@@ -9,7 +9,11 @@ Vocabulary
   would compute. Every other span start is a **seam**: the reused tokens saw a different context in the donor, so
   the first tokens after each seam and a budget of deviation-selected tokens are recomputed.
 * A **fuzzy span** marks a near-identical (not identical) region. It is evidence only: its differing tokens are
-  always in ``recompute_positions`` and it is never materialized as exact KV.
+  always in ``recompute_positions`` and it is never materialized as exact KV. Fuzzy spans refer to the main donor.
+* **Multi-donor plans**: every span names its donor (``Span.donor_id``; ``None`` in a hand-built span means the
+  plan's ``donor_id``, see :meth:`SemanticKvPlan.donor_of`). ``donor_id`` is the *main* donor (the one that covers
+  the most on its own); further donors fill target regions it leaves uncovered, so their spans come from other KV
+  entries, each with its own ``delta``. A span whose donor differs from its left neighbour's is a seam like any other.
 
 Outcomes (telemetry) are decided later: the core reports a planned hit; only an adapter that actually loaded KV
 may record ``materialized`` (rule 2).
@@ -61,11 +65,17 @@ class Reason:
 
 @dataclass(frozen=True, order=True)
 class Span:
-    """Donor tokens ``[donor_start, donor_start+length)`` == target tokens ``[target_start, target_start+length)``."""
+    """Donor tokens ``[donor_start, donor_start+length)`` == target tokens ``[target_start, target_start+length)``.
+
+    ``donor_id`` names the donor the tokens come from (``None``: the plan's main donor). It is the last field, so
+    ``Span(d, t, n)`` keeps working and ordering is by ``(donor_start, target_start, length)`` first; the spans of
+    one plan never tie on those (they are disjoint in the target), so the donor never decides their order.
+    """
 
     donor_start: int
     target_start: int
     length: int
+    donor_id: str | None = None
 
     @property
     def delta(self) -> int:
@@ -105,6 +115,7 @@ class PlanTimings:
     embedding_s: float = 0.0
     alignment_s: float = 0.0
     total_s: float = 0.0
+    multi_donor_s: float = 0.0  # part of alignment_s: finding and aligning further donors for uncovered regions
 
 
 def _ranges_to_positions(ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -124,6 +135,10 @@ class SemanticKvPlan:
     covers, the first ``seam_recompute_tokens`` of every seam, fuzzy regions, and (always) the last prompt token so
     the engine produces fresh logits. ``layer_recompute[i]`` is the fraction of *reused* tokens to refresh at layer
     ``i`` (bathtub policy) on top of those; empty when the model's layer count is unknown.
+
+    ``donor_id`` / ``donor_len`` / ``similarity``: the main donor and, for a multi-donor plan, the similarity of
+    the union (covered target fraction, or the main donor's overlap if higher). ``donor_ids`` lists every donor the
+    spans use, in target order of first use.
 
     One nuance: seam heads are KV that *can* be reused (the tokens match; only their left context differed), so
     :func:`semblend_core.recompute.select_recompute` counts them against an explicit budget and may drop some when
@@ -150,6 +165,23 @@ class SemanticKvPlan:
     details: tuple[tuple[str, Any], ...] = ()
 
     # ------------------------------------------------------------------ derived views
+    def donor_of(self, span: Span) -> str | None:
+        """The donor whose KV ``span`` reads: its own ``donor_id``, else the plan's main donor."""
+        return span.donor_id if span.donor_id is not None else self.donor_id
+
+    @property
+    def donor_ids(self) -> tuple[str, ...]:
+        """Donors the spans use, in target order of first use (empty without spans)."""
+        return tuple(dict.fromkeys(d for d in (self.donor_of(s) for s in self.spans) if d is not None))
+
+    @property
+    def multi_donor(self) -> bool:
+        return len(self.donor_ids) > 1
+
+    def spans_of(self, donor_id: str) -> tuple[Span, ...]:
+        """The spans read from ``donor_id`` (target order)."""
+        return tuple(s for s in self.spans if self.donor_of(s) == donor_id)
+
     @property
     def reused_tokens(self) -> int:
         return sum(s.length for s in self.spans)
@@ -183,18 +215,21 @@ class SemanticKvPlan:
 
         Counts the contiguous run of exact spans from target position 0. With ``strict_prefix_boundary`` it stops
         at the first seam after position 0 (one donor region, one RoPE delta); otherwise it runs across seams while
-        coverage is contiguous. Never includes the last prompt token (the engine must compute fresh logits) and
-        never includes a fuzzy region. Returns 0 for a miss.
+        coverage is contiguous. Either way it stops where the donor changes: a prefix is loaded from one donor's
+        KV entry, the donor of ``spans[0]`` (``donor_of(spans[0])``, not necessarily the main donor). Never
+        includes the last prompt token (the engine must compute fresh logits) and never includes a fuzzy region.
+        Returns 0 for a miss.
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if not self.is_hit or not self.spans:
             return 0
         covered = 0
+        first_donor = self.donor_of(self.spans[0])
         for i, span in enumerate(self.spans):
             if span.target_start != covered:
                 break
-            if i > 0 and self.strict_prefix_boundary:
+            if i > 0 and (self.strict_prefix_boundary or self.donor_of(span) != first_donor):
                 break
             covered = span.target_end
         covered = min(covered, self.target_len - 1)
@@ -212,13 +247,15 @@ class SemanticKvPlan:
             "is_hit": self.is_hit,
             "reason": self.reason,
             "donor_id": self.donor_id,
+            "donor_ids": list(self.donor_ids),
             "similarity": round(float(self.similarity), 6),
             "reuse_ratio": round(self.reuse_ratio, 6),
             "target_len": self.target_len,
             "donor_len": self.donor_len,
             "discovery": self.discovery,
             "spans": [
-                {"donor_start": s.donor_start, "target_start": s.target_start, "length": s.length, "delta": s.delta}
+                {"donor_id": self.donor_of(s), "donor_start": s.donor_start, "target_start": s.target_start,
+                 "length": s.length, "delta": s.delta}
                 for s in self.spans
             ],
             "fuzzy_spans": [

@@ -8,7 +8,8 @@ Lifecycle for one hit (:class:`~semblend.integration.transformers.engine.SemBlen
    Anything else returns a decline reason. The engine then runs a start-up self-check on the real weights.
 2. :func:`assemble_kv`: per layer, the target's KV ``[n, num_kv_heads, head_dim]`` (stored in the cache's own
    layout) built from donor KV: every span's keys re-rotated by its ``delta`` and values copied, all spans and
-   layers in one ``semblend_core.triton_kernels.rerotate_scatter`` call; other rows stay zero until computed.
+   layers of one donor in one ``semblend_core.triton_kernels.rerotate_scatter`` call (a multi-donor plan makes
+   one call per donor, each reading its own KV entry); other rows stay zero until computed.
 3. :func:`blend_prefill`: the custom layer loop. Each layer computes fresh Q/K/V only for its *active* positions
    (RoPE at their absolute positions with the model's own rotary code), writes the fresh K/V into the assembled
    cache, runs partial attention of those queries over the whole cache (``semblend_core.partial_attention``),
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,21 +129,23 @@ class BlendStats:
 
 def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any, *, rope_correction: bool = True,
                 total_len: int | None = None) -> tuple[Any, Any]:
-    """Target KV for positions ``[0, total_len)`` with rows ``[0, prefix_len)`` filled from the donor's KV.
+    """Target KV for positions ``[0, total_len)`` with rows ``[0, prefix_len)`` filled from the donors' KV.
 
     Args:
         donor_kv: the donor's stacked KV ``[num_layers, 2, donor_len, num_kv_heads, head_dim]`` (keys rotated at
-            donor positions; the ``KvTensorStore`` entry layout) on the device the result should live on. Every span
-            of every layer is gathered, re-rotated and scattered by one
-            ``semblend_core.triton_kernels.rerotate_scatter`` call (one Triton launch on CUDA, its torch twin
-            elsewhere).
+            donor positions; the ``KvTensorStore`` entry layout) on the device the result should live on, or, for
+            a multi-donor plan, a mapping ``donor_id -> `` such a tensor with an entry for every donor in
+            ``plan.donor_ids`` (a bare tensor serves every span of the plan). Each donor's spans of every layer are
+            gathered, re-rotated by their own ``delta`` and scattered by one
+            ``semblend_core.triton_kernels.rerotate_scatter`` call (one Triton launch per donor on CUDA, its torch
+            twin elsewhere) straight from that donor's entry: nothing is stacked or copied first.
         prefix_len: spans are used only below this position.
         total_len: rows to allocate (default ``prefix_len``); rows past ``prefix_len`` are zero, for the layer loop
             to fill.
         rope_correction: re-rotate moved keys by each span's delta. False exists only for the ablation that shows
             why it is needed.
 
-    Returns ``(k, v)``, each a ``[num_layers, total_len, num_kv_heads, head_dim]`` view in the donor's dtype whose
+    Returns ``(k, v)``, each a ``[num_layers, total_len, num_kv_heads, head_dim]`` view in the donors' dtype whose
     storage is in the Hugging Face cache layout ``[num_layers, num_kv_heads, total_len, head_dim]``
     (``k.transpose(1, 2)`` is contiguous), so the cache is built without a copy. Rows no span covers are zero.
     """
@@ -153,25 +157,40 @@ def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any,
     total_len = prefix_len if total_len is None else int(total_len)
     if total_len < prefix_len:
         raise ValueError(f"total_len={total_len} < prefix_len={prefix_len}")
-    num_layers, _, _, kv_heads, head_dim = donor_kv.shape
-    device = donor_kv.device
-    k_store = torch.zeros((num_layers, kv_heads, total_len, head_dim), dtype=donor_kv.dtype, device=device)
+    entries = donor_kv if isinstance(donor_kv, Mapping) else None
+    if entries is not None and not entries:
+        raise ValueError("assemble_kv needs at least one donor KV entry")
+    first = next(iter(entries.values())) if entries is not None else donor_kv
+    num_layers, _, _, kv_heads, head_dim = first.shape
+    device = first.device
+    k_store = torch.zeros((num_layers, kv_heads, total_len, head_dim), dtype=first.dtype, device=device)
     v_store = torch.zeros_like(k_store)
-    src_slots, dst_slots, deltas = [], [], []
+    # Slots per donor entry, in the plan's donor order (a bare tensor is one entry for every span).
+    groups: dict[Any, tuple[list, list, list]] = {}
     for span in plan.spans:
         t0, t1 = span.target_start, min(span.target_end, prefix_len)
         if t1 <= t0:
             continue
+        key = plan.donor_of(span) if entries is not None else None
+        src_slots, dst_slots, deltas = groups.setdefault(key, ([], [], []))
         dst_slots.append(np.arange(t0, t1, dtype=np.int64))
         src_slots.append(np.arange(span.donor_start, span.donor_start + (t1 - t0), dtype=np.int64))
         deltas.append(np.full(t1 - t0, span.delta if rope_correction else 0, dtype=np.int64))
-    if dst_slots:
-        src = KvCacheView.from_donor_store(donor_kv)
+    if groups:
         # HF layout per layer: [batch=1, kv_heads, tokens, head_dim]; slot == token position.
         dst = KvCacheView.from_separate(HF_CONTIGUOUS, [k_store[i][None] for i in range(num_layers)],
                                         [v_store[i][None] for i in range(num_layers)])
+    for key, (src_slots, dst_slots, deltas) in groups.items():
+        entry = donor_kv if entries is None else entries.get(key)
+        if entry is None:
+            raise KeyError(f"no KV entry given for donor {key!r} of the plan")
+        if tuple(entry.shape[:2]) != (num_layers, 2) or tuple(entry.shape[3:]) != (kv_heads, head_dim) \
+                or entry.dtype != first.dtype or entry.device != device:
+            raise ValueError(f"donor {key!r} KV {tuple(entry.shape)} {entry.dtype} on {entry.device} does not "
+                             f"match {tuple(first.shape)} {first.dtype} on {device}")
         delta = np.concatenate(deltas)
-        rerotate_scatter(src, dst, torch.as_tensor(np.concatenate(src_slots), device=device),
+        rerotate_scatter(KvCacheView.from_donor_store(entry), dst,
+                         torch.as_tensor(np.concatenate(src_slots), device=device),
                          torch.as_tensor(np.concatenate(dst_slots), device=device),
                          torch.as_tensor(delta, device=device) if delta.any() else 0, spec,
                          validate_indices=False)

@@ -6,8 +6,11 @@ Lifecycle of one ``generate`` call::
 
     ids = tokenize(prompt)
     plan = pipeline.plan(ids, text)                      # semblend_core: donor discovery + alignment (never raises)
-    if plan.is_hit and donor KV is resident:
-        k, v = assemble_kv(plan, donor_kv)               # donor KV moved to target positions (RoPE re-rotation)
+    if plan.is_hit and donor KV is resident:             # a lease on every donor in plan.donor_ids; a donor whose
+                                                         # KV is gone drops its spans (gates re-checked) or declines;
+                                                         # each span's tokens checked against its entry
+        k, v = assemble_kv(plan, donor_kv)               # each span from its donor's KV, moved to its target
+                                                         # positions (RoPE re-rotation by its own delta)
         logits = blend_prefill(model, ids, k, v, plan)   # one layer pass: seam / uncovered / deviation tokens
                                                          # and the suffix ids[P:]; logits of the last token
         pipeline.record_outcome(plan, "materialized", loaded_tokens=...)
@@ -28,6 +31,7 @@ RoPE whose re-rotation is not exact, MLA) still generates, always cold, with out
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -59,7 +63,7 @@ REASON_NOTHING_BEFORE_SUFFIX = "nothing_before_suffix"
 
 
 class _DonorKvMismatch(Exception):
-    """The leased KV entry's tokens (``args[0]``) differ from the plan's donor tokens on some span."""
+    """The leased KV entry of donor ``args[0]`` holds tokens (``args[1]``) other than the plan's on some span."""
 
 # model -> {(dtype, device, options...): (reason, report)}: the self-check runs once per model and setting.
 _SELF_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -193,6 +197,26 @@ def build_dynamic_cache(model: Any, k: Any, v: Any) -> Any:
     for layer in range(k.shape[0]):
         cache.update(k[layer].transpose(0, 1)[None].contiguous(), v[layer].transpose(0, 1)[None].contiguous(), layer)
     return cache
+
+
+def spans_mismatching_donor_tokens(plan: SemanticKvPlan, prompt_ids: Sequence[int],
+                                   donor_tokens: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Spans of ``plan`` whose donor KV entry does not hold the planned tokens (empty: every span checks out).
+
+    ``donor_tokens`` maps each donor of the plan to the token ids stored *with its KV entry* (``DonorKv.token_ids``):
+    a span is good only if that entry's tokens ``[donor_start, donor_end)`` equal the prompt's
+    ``[target_start, target_end)``. A donor missing from the mapping fails all its spans. Catches KV entries that
+    changed owner or content behind the planner's back (a reused donor id, a store shared by two engines), so
+    they decline ``donor_kv_mismatch`` instead of serving another prompt's KV. Cost: one comparison of the
+    reused tokens.
+    """
+    target = np.asarray(prompt_ids, dtype=np.int64)
+    bad = []
+    for span in plan.spans:
+        tokens = donor_tokens.get(plan.donor_of(span))
+        if tokens is None or not verify_donor_tokens(span, tokens, target):
+            bad.append(span)
+    return tuple(bad)
 
 
 class SemBlendEngine:
@@ -415,9 +439,10 @@ class SemBlendEngine:
         k, v = self.donor_kv(prefill)
         return dataclasses.replace(prefill, cache=build_dynamic_cache(self.model, k, v))
 
-    def prefill_with_plan(self, prompt_ids: Sequence[int], plan: SemanticKvPlan, donor_k: Any, donor_v: Any
-                          ) -> PrefillResult:
-        """Materialize ``plan`` with explicit donor KV (``[num_layers, donor_len, kv_heads, head_dim]``).
+    def prefill_with_plan(self, prompt_ids: Sequence[int], plan: SemanticKvPlan, donor_k: Any,
+                          donor_v: Any = None) -> PrefillResult:
+        """Materialize ``plan`` with explicit donor KV (``[num_layers, donor_len, kv_heads, head_dim]``), or for a
+        multi-donor plan ``donor_k={donor_id: (k, v), ...}`` covering ``plan.donor_ids`` (``donor_v`` unset).
 
         Bypasses discovery and the donor stores: tests and benchmarks use it to control the plan exactly. Raises
         on errors (no cold fallback) so that a broken materialization cannot hide behind one.
@@ -426,8 +451,13 @@ class SemBlendEngine:
         if plan.target_len != len(ids):
             raise ValueError(f"plan.target_len={plan.target_len} but the prompt has {len(ids)} tokens")
         start = time.perf_counter()
-        return self._materialize(ids, plan, self._torch.stack((donor_k, donor_v), dim=1), start, 0.0, "explicit",
-                                 None)
+        if isinstance(donor_k, Mapping):
+            if donor_v is not None:
+                raise ValueError("pass either donor_k and donor_v, or one mapping donor_id -> (k, v)")
+            kv = {d: self._torch.stack(tuple(pair), dim=1) for d, pair in donor_k.items()}
+        else:
+            kv = self._torch.stack((donor_k, donor_v), dim=1)
+        return self._materialize(ids, plan, kv, start, 0.0, "explicit", None)
 
     def cold_prefill(self, prompt_ids: Sequence[int]) -> PrefillResult:
         """A plain prefill (no planning, no donation): the baseline."""
@@ -526,40 +556,54 @@ class SemBlendEngine:
 
         if self._reuse_end(plan, len(ids)) <= 0:
             # Everything reusable lies inside the always-fresh suffix: a prefill is all there is to do.
-            self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_NOTHING_BEFORE_SUFFIX)
-            return self._cold(ids, start, plan, Outcome.DECLINED, REASON_NOTHING_BEFORE_SUFFIX, request_id,
-                              plan_s=plan_s)
+            return self._decline(ids, start, plan, REASON_NOTHING_BEFORE_SUFFIX, request_id, plan_s)
         try:
-            # The lease pins the donor's KV for the whole materialization: eviction cannot pull it away.
-            with self.kv_store.lease(self.namespace.key, str(plan.donor_id)) as donor:
-                target = np.asarray(ids, dtype=np.int64)
-                if not all(verify_donor_tokens(span, donor.token_ids, target) for span in plan.spans):
-                    raise _DonorKvMismatch(donor.token_ids)
-                donor.wait()
-                result = self._materialize(ids, plan, donor.kv, start, plan_s, request_id, plan.donor_id)
-        except DonorKvMissingError:
-            # Attached stores retire such donors themselves; this covers a store wired some other way.
-            self._retire(str(plan.donor_id))
-            self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=REASON_DONOR_KV_EVICTED)
-            return self._cold(ids, start, plan, Outcome.DECLINED, REASON_DONOR_KV_EVICTED, request_id, plan_s=plan_s)
+            with contextlib.ExitStack() as leases:
+                # Each lease pins one donor's KV for the whole materialization: eviction cannot pull it away.
+                entries, missing = {}, []
+                for donor_id in plan.donor_ids:
+                    try:
+                        entries[donor_id] = leases.enter_context(self.kv_store.lease(self.namespace.key, donor_id))
+                    except DonorKvMissingError:
+                        missing.append(donor_id)
+                if missing:
+                    # Attached stores retire such donors themselves; this covers a store wired some other way.
+                    for donor_id in missing:
+                        self._retire(donor_id)
+                    # Those donors' spans are dropped and the gates re-checked on what is left (never silently:
+                    # a plan that no longer passes declines with the reason, one that does is what gets loaded).
+                    reduced = self.pipeline.drop_donors(plan, missing)
+                    logger.info("SemBlend: KV of donor(s) %s is gone; %s", ", ".join(missing),
+                                "their spans are dropped" if reduced.is_hit else f"declining ({reduced.reason})")
+                    if not reduced.is_hit or self._reuse_end(reduced, len(ids)) <= 0:
+                        return self._decline(ids, start, plan, REASON_DONOR_KV_EVICTED, request_id, plan_s)
+                    plan = reduced
+                    entries = {d: entries[d] for d in plan.donor_ids}
+                bad = spans_mismatching_donor_tokens(plan, ids, {d: e.token_ids for d, e in entries.items()})
+                if bad:
+                    donor_id = plan.donor_of(bad[0]) or str(plan.donor_id)
+                    raise _DonorKvMismatch(donor_id, entries[donor_id].token_ids)
+                for entry in entries.values():
+                    entry.wait()
+                kv = entries[plan.donor_ids[0]].kv if len(entries) == 1 else {d: e.kv for d, e in entries.items()}
+                result = self._materialize(ids, plan, kv, start, plan_s, request_id, plan.donor_id)
         except _DonorKvMismatch as exc:
             # The KV under this id belongs to another prompt than the planner's donor: serving it would be wrong
-            # KV. Neither side can serve the planned donor any more: drop that entry and the planner's record.
+            # KV. Neither side can serve the planned donor any more: drop that entry and the planner's record
+            # (after the leases are released, so the entry can go).
+            donor_id, entry_tokens = exc.args
             logger.warning("SemBlend: KV entry of donor %s holds other tokens than the plan's; running a normal "
-                           "prefill", plan.donor_id)
-            self.kv_store.evict(self.namespace.key, str(plan.donor_id), token_ids=exc.args[0])
-            self._retire(str(plan.donor_id))
-            self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=Reason.DONOR_KV_MISMATCH)
-            return self._cold(ids, start, plan, Outcome.DECLINED, Reason.DONOR_KV_MISMATCH, request_id,
-                              plan_s=plan_s)
+                           "prefill", donor_id)
+            self.kv_store.evict(self.namespace.key, donor_id, token_ids=entry_tokens)
+            self._retire(donor_id)
+            return self._decline(ids, start, plan, Reason.DONOR_KV_MISMATCH, request_id, plan_s)
         except Exception as exc:  # rule 5: a failed reuse is a normal prefill, never a failed request
             reason = f"{Reason.INTERNAL_ERROR}:{type(exc).__name__}"
             logger.warning("SemBlend materialization failed (%s: %s); running a normal prefill",
                            type(exc).__name__, exc)
             logger.debug("materialization failure", exc_info=True)
-            self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=reason)
-            return self._cold(ids, start, plan, Outcome.DECLINED, reason, request_id, plan_s=plan_s)
-        self.pipeline.record_outcome(plan, Outcome.MATERIALIZED, loaded_tokens=plan.reused_tokens)
+            return self._decline(ids, start, plan, reason, request_id, plan_s)
+        self.pipeline.record_outcome(result.plan, Outcome.MATERIALIZED, loaded_tokens=result.plan.reused_tokens)
         return result
 
     def _retire(self, donor_id: str) -> None:
@@ -570,25 +614,45 @@ class SemBlendEngine:
         except StoreFullError:  # pinned by someone else's in-flight load: it retires when that load fails
             pass
 
+    def _decline(self, ids: list[int], start: float, plan: SemanticKvPlan, reason: str, request_id: str,
+                 plan_s: float) -> PrefillResult:
+        self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=reason)
+        return self._cold(ids, start, plan, Outcome.DECLINED, reason, request_id, plan_s=plan_s)
+
+    def _on_device(self, entry: Any) -> Any:
+        if entry.device == self.device:
+            return entry
+        # One contiguous copy of the whole entry at pinned-memory bandwidth: the strided k/v halves would be staged
+        # through pageable memory (about 10x slower on the H100 host, measured).
+        return entry.to(self.device, non_blocking=True)
+
     def _materialize(self, ids: list[int], plan: SemanticKvPlan, donor_kv: Any, start: float, plan_s: float,
                      request_id: str, donor_id: str | None) -> PrefillResult:
-        """``donor_kv``: the donor's ``[L, 2, T, H, D]`` KV on any device (copied to the model's inside ``load``)."""
+        """``donor_kv``: the donor's ``[L, 2, T, H, D]`` KV on any device (copied to the model's inside ``load``),
+        or for a multi-donor plan a mapping ``donor_id -> `` such a tensor covering ``plan.donor_ids``."""
         torch = self._torch
         t0 = time.perf_counter()
-        if donor_kv.device != self.device:
-            # One contiguous copy of the whole entry at pinned-memory bandwidth: the strided k/v halves would be
-            # staged through pageable memory (about 10x slower on the H100 host, measured).
-            donor_kv = donor_kv.to(self.device, non_blocking=True)
         n = len(ids)
         if not plan.spans:
             raise ValueError("a materialized plan needs at least one span")
         prefix_len = self._reuse_end(plan, n)
         if prefix_len <= 0:
             raise ValueError("nothing to reuse before the last prompt token")
-        if any(s.donor_end > donor_kv.shape[2] for s in plan.spans):
-            raise ValueError(f"plan spans exceed the donor KV ({donor_kv.shape[2]} tokens)")
-        if donor_kv.shape[0] != self.num_layers:
-            raise ValueError(f"donor KV has {donor_kv.shape[0]} layers, the model {self.num_layers}")
+        if isinstance(donor_kv, Mapping):
+            donor_kv = {key: self._on_device(entry) for key, entry in donor_kv.items()}
+            checks = [(key, donor_kv.get(key), plan.spans_of(key)) for key in plan.donor_ids]
+        else:
+            if plan.multi_donor:
+                raise ValueError(f"plan reads {len(plan.donor_ids)} donors {plan.donor_ids}; pass one KV per donor")
+            donor_kv = self._on_device(donor_kv)
+            checks = [(plan.donor_id, donor_kv, plan.spans)]
+        for key, entry, spans in checks:
+            if entry is None:
+                raise ValueError(f"no KV given for donor {key!r} of the plan")
+            if any(s.donor_end > entry.shape[2] for s in spans):
+                raise ValueError(f"plan spans exceed donor {key!r}'s KV ({entry.shape[2]} tokens)")
+            if entry.shape[0] != self.num_layers:
+                raise ValueError(f"donor {key!r} KV has {entry.shape[0]} layers, the model {self.num_layers}")
         with torch.no_grad():
             k, v = assemble_kv(plan, donor_kv, prefix_len, self.rope_spec,
                                rope_correction=self.options.rope_correction, total_len=n)

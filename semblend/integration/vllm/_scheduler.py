@@ -81,6 +81,7 @@ class _Decision:
     reason: str = ""
     donor_start: int = 0      # donor token that maps to target token 0 of the prefix span
     context_exact: bool = True
+    donor_id: str | None = None  # donor of the prefix span (plan.donor_of(plan.spans[0]))
 
 
 @dataclass
@@ -242,8 +243,14 @@ class SchedulerSide:
             return d
         # Only the prompt counts: a resumed request's output tokens are never reused.
         n = min(plan.prefix_reusable_tokens(self.block_size), st.num_prompt_tokens - 1)
-        n -= n % self.block_size
         span = plan.spans[0] if plan.spans else None
+        if span is not None:
+            # One load = one donor entry at one RoPE delta: the first span's (prefix_reusable_tokens already stops
+            # where the donor changes; a later span of the same donor has another delta).
+            n = min(n, span.target_end)
+        n -= n % self.block_size
+        # The prefix is read from the first span's donor, which in a multi-donor plan need not be plan.donor_id.
+        donor_id = plan.donor_of(span) if span is not None else plan.donor_id
         if span is None or n <= 0 or span.target_start != 0:
             d.reason = DeclineReason.NO_REUSABLE_PREFIX
         elif n <= num_local:
@@ -251,7 +258,8 @@ class SchedulerSide:
         else:
             d.donor_start = span.donor_start
             d.context_exact = span.context_exact
-            resident = self._resident.get((st.namespace.key, plan.donor_id))
+            d.donor_id = donor_id
+            resident = self._resident.get((st.namespace.key, donor_id))
             if span.delta != 0 and not self.rope_exact:
                 d.reason = Reason.ROPE_NOT_SHIFT_INVARIANT
             elif resident is None or resident.votes < self.num_workers:
@@ -272,7 +280,7 @@ class SchedulerSide:
         return d
 
     def _donor_loadable(self, d: _Decision) -> bool:
-        resident = self._resident.get((d.plan.namespace.key, d.plan.donor_id))
+        resident = self._resident.get((d.plan.namespace.key, d.donor_id))
         return (resident is not None and resident.votes >= self.num_workers
                 and resident.num_tokens >= d.donor_start + d.num_local + d.credit)
 
@@ -302,7 +310,7 @@ class SchedulerSide:
         start = d.num_local
         first, last = start // bs, -(-(start + num_external_tokens) // bs)
         spec = LoadSpec(
-            req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.plan.donor_id,
+            req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.donor_id,
             donor_start=d.donor_start + start, target_start=start, num_tokens=num_external_tokens,
             block_ids=tuple(st.block_ids[first:last]), block_size=bs,
         )
