@@ -152,6 +152,40 @@ class WorkerSide:
         self._dtype, self._device = dtype, device
         logger.info("SemBlend: %d layers registered, %s, layout %s (%s)", len(names), self.signature,
                     layout.source, "strided: fused kernel" if self._paged is not None else "indexed")
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run the fused kernel's load (shifted and shift-free) and capture paths once on scratch tensors with the
+        cache's dtype, device and strides, so the first hit after start-up does not pay its JIT compilation
+        (Triton on CUDA: 0.3-0.7 s inside a request). Indexed layouts use plain torch ops: nothing to warm.
+        Never raises."""
+        import torch
+
+        from semblend_core.triton_kernels import rerotate_scatter
+
+        layout = self.layout
+        strided = layout.strided() if layout is not None else None
+        if layout is None or strided is None:
+            return
+        try:
+            (st, sh, _), k_base, v_base = strided
+            n = min(layout.block_size, 4)
+            span = layout.stride_block + max(int(layout.k_offsets.max()) - k_base,
+                                             int(layout.v_offsets.max()) - v_base) + 1
+            shape = (2, layout.num_kv_heads, layout.block_size, layout.head_size)
+            strides = (layout.stride_block, sh, st, 1)
+            k, v = (torch.as_strided(torch.zeros(span, dtype=self._dtype, device=self._device), shape, strides)
+                    for _ in range(2))
+            paged = KvCacheView.from_separate(HF_CONTIGUOUS, [k], [v])
+            donor = KvCacheView.from_donor_store(torch.zeros((1, 2, n, layout.num_kv_heads, layout.head_size),
+                                                             dtype=self._dtype, device=self._device))
+            slots = torch.arange(n, dtype=torch.int64, device=self._device)
+            if self.rope is not None:
+                rerotate_scatter(donor, paged, slots, slots, 1, self.rope)
+            rerotate_scatter(donor, paged, slots, slots, 0, self._copy_rope)
+            rerotate_scatter(paged, donor, slots, slots, 0, self._copy_rope, validate_indices=False)
+        except Exception as exc:  # noqa: BLE001 -- warm-up is an optimisation
+            logger.warning("SemBlend: kernel warm-up failed (%s: %s)", type(exc).__name__, exc)
 
     def _move(self, donor: Any, paged: KvCacheView | None, storages: tuple[Any, ...], slots: list[int],
               src_start: int, num_tokens: int, delta: int, rope: RopeSpec | None, *, load: bool) -> None:
