@@ -91,6 +91,10 @@ class _RequestState:
     num_prompt_tokens: int
     decision: _Decision | None = None
     outcome_recorded: bool = False
+    # The outcome so far (outcome, reason, loaded tokens): the last admission decides it; recorded once at the end.
+    pending: tuple[str, str, int] | None = None
+    credited: int = 0          # tokens credited to vLLM at the last admission
+    finished_at_step: int | None = None  # request_finished came while its load result was still due
     tainted_from_block: int | None = None  # hash-block index from which block hashes were re-salted
     block_ids: list[int] = field(default_factory=list)
     capture_issued: bool = False
@@ -138,6 +142,10 @@ class SchedulerSide:
         self._resident: dict[tuple[str, str], _Resident] = {}
         self._awaiting_capture: OrderedDict[tuple[str, str], tuple[Sequence[int], CacheNamespace]] = OrderedDict()
         self._load_votes: dict[str, int] = {}
+        # Finished requests whose load result is still due (vLLM calls request_finished before it hands over the
+        # same step's worker output): their outcome waits for it.
+        self._finishing: dict[str, _RequestState] = {}
+        self._step = 0
         self._secret = os.urandom(16)
 
     # ------------------------------------------------------------------ binding
@@ -172,12 +180,30 @@ class SchedulerSide:
 
     def _record(self, st: _RequestState, plan: SemanticKvPlan, outcome: str, reason: str | None = None,
                 loaded_tokens: int = 0) -> None:
-        """One outcome per request (rule 2: ``materialized`` only after the workers confirmed the load)."""
+        """Note the request's outcome so far. A later admission of the same request (after a preemption)
+        replaces it; :meth:`_finalize` records the last one, once (rule 2: ``materialized`` only after the workers
+        confirmed the load, with the tokens they loaded)."""
+        if st.outcome_recorded:
+            return
+        st.pending = (outcome, reason or plan.reason, int(loaded_tokens))
+
+    def _finalize(self, st: _RequestState) -> None:
+        """Record the request's one outcome in the pipeline's telemetry and in the connector stats (Prometheus),
+        with the same reason and loaded-token count in both."""
         if st.outcome_recorded:
             return
         st.outcome_recorded = True
-        self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded_tokens, reason=reason)
-        self.stats.outcome(outcome, reason or plan.reason, loaded_tokens)
+        plan = st.decision.plan if st.decision is not None else st.plan
+        if st.pending is None or plan is None:
+            return
+        outcome, reason, loaded = st.pending
+        if outcome == Outcome.MATERIALIZED and loaded <= 0:
+            outcome, reason, loaded = Outcome.DECLINED, "nothing_loaded", 0
+        self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded, reason=reason)
+        self.stats.outcome(outcome, reason, loaded)
+        if outcome == Outcome.MATERIALIZED:
+            self.stats.loaded(loaded)
+            self.stats.credited(st.credited)
 
     # How the pipeline classifies a miss (it records these itself; the connector mirrors them in its stats).
     _MISS_OUTCOMES: ClassVar[dict[str, str]] = {
@@ -198,7 +224,7 @@ class SchedulerSide:
 
     def num_tracked_requests(self) -> int:
         """Requests with state here (0 when the scheduler is idle: nothing leaks)."""
-        return len(self._requests) + len(self._pending_loads) + len(self._load_votes)
+        return len(self._requests) + len(self._pending_loads) + len(self._load_votes) + len(self._finishing)
 
     # ------------------------------------------------------------------ get_num_new_matched_tokens
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -233,7 +259,9 @@ class SchedulerSide:
                 d.credit, d.reason = 0, DeclineReason.DONOR_KV_EVICTED
                 self._record(st, d.plan, Outcome.DECLINED, d.reason)
             return d
-        plan = self._plan(st, num_local)
+        # One plan per request (the pipeline records a miss each time it plans): a re-admission after a preemption
+        # or a new local hit reuses it; only the credit is recomputed.
+        plan = st.plan if st.plan is not None else self._plan(st, num_local)
         d = _Decision(num_local=num_local, plan=plan)
         st.decision, st.plan = d, plan
         if not plan.is_hit:
@@ -309,7 +337,7 @@ class SchedulerSide:
         if not d.context_exact:
             self._taint(request, st, start)
         self._pending_loads[st.req_id] = spec
-        self.stats.credited(num_external_tokens)
+        st.credited = num_external_tokens
 
     def _taint(self, request: Any, st: _RequestState, start_token: int) -> None:
         """Keep this request's blocks from ``start_token`` on out of vLLM's exact prefix cache (module docstring)."""
@@ -337,6 +365,16 @@ class SchedulerSide:
     # ------------------------------------------------------------------ build_connector_meta
     def build_connector_meta(self, scheduler_output: Any) -> StepPlan:
         """Collect this step's loads and donor captures. Called once per step; resets the staged loads."""
+        self._step += 1
+        for req_id, st in list(self._finishing.items()):
+            if st.finished_at_step is not None and st.finished_at_step < self._step - 1:
+                # No worker result came within a step (never expected): nothing is known to be loaded.
+                st.load_in_flight = None
+                self._load_votes.pop(req_id, None)
+                self._record(st, st.decision.plan if st.decision else st.plan, Outcome.DECLINED,
+                             DeclineReason.ABORTED)
+                self._finalize(st)
+                del self._finishing[req_id]
         if self.discovery_only:
             return StepPlan()
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
@@ -426,7 +464,7 @@ class SchedulerSide:
                 self.stats.save_time(s)
         invalid = set(invalid_block_ids or ())
         if invalid:
-            for req_id, st in list(self._requests.items()):
+            for req_id, st in [*self._requests.items(), *self._finishing.items()]:
                 if st.load_in_flight is not None and invalid.intersection(st.load_in_flight.block_ids):
                     self._on_load_result(req_id, 0, failed=True)
 
@@ -456,7 +494,7 @@ class SchedulerSide:
             store.remove(donor_id, ns_key)  # a donor without KV cannot be materialized
 
     def _on_load_result(self, req_id: str, tokens: int, *, failed: bool) -> None:
-        st = self._requests.get(req_id)
+        st = self._requests.get(req_id) or self._finishing.get(req_id)
         if st is None or st.load_in_flight is None:
             return
         spec = st.load_in_flight
@@ -466,6 +504,7 @@ class SchedulerSide:
             self._load_votes.pop(req_id, None)
             if plan is not None:
                 self._record(st, plan, Outcome.DECLINED, DeclineReason.LOAD_FAILED)
+            self._settle_finishing(req_id)
             return
         votes = self._load_votes.get(req_id, 0) + 1
         if votes < self.num_workers:
@@ -474,8 +513,14 @@ class SchedulerSide:
         st.load_in_flight = None
         self._load_votes.pop(req_id, None)
         if plan is not None:
-            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=spec.target_start + tokens)
-        self.stats.loaded(tokens)
+            # The tokens SemBlend loaded (vLLM's own prefix hit before them is not SemBlend's reuse).
+            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=spec.num_tokens)
+        self._settle_finishing(req_id)
+
+    def _settle_finishing(self, req_id: str) -> None:
+        st = self._finishing.pop(req_id, None)
+        if st is not None:
+            self._finalize(st)
 
     # ------------------------------------------------------------------ request_finished
     def request_finished(self, request: Any) -> None:
@@ -483,11 +528,16 @@ class SchedulerSide:
         req_id = request.request_id
         st = self._requests.pop(req_id, None)
         self._pending_loads.pop(req_id, None)
-        self._load_votes.pop(req_id, None)
         if st is None:
+            self._load_votes.pop(req_id, None)
             return
-        if st.load_in_flight is not None and st.decision is not None:
-            self._record(st, st.decision.plan, Outcome.DECLINED, DeclineReason.ABORTED)
+        if st.load_in_flight is not None:
+            # The load ran in this step; its result arrives right after this call (update_connector_output).
+            st.finished_at_step = self._step
+            self._finishing[req_id] = st
+        else:
+            self._load_votes.pop(req_id, None)
+            self._finalize(st)
         if (self.discovery_only and self.adapter.register_donors
                 and int(getattr(request, "num_computed_tokens", 0)) >= st.num_prompt_tokens
                 and st.num_prompt_tokens >= max(self.adapter.min_donor_tokens, 1)):

@@ -325,3 +325,58 @@ def test_prefix_mode_with_prefix_caching_off(model_dir):
     eng.run_until_done()
     assert eng.connector.semblend_stats()["outcomes"]["materialized"] == 1
     assert_no_leaks(eng)
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+def _windows(results):
+    from semblend.integration.vllm._metrics import ConnectorStats
+
+    merged = ConnectorStats()
+    for r in results:
+        for o in r.engine_outputs.values():
+            if o.scheduler_stats is not None and o.scheduler_stats.kv_connector_stats:
+                merged = merged.merge(ConnectorStats(o.scheduler_stats.kv_connector_stats))
+    return merged
+
+
+def _assert_one_outcome_each(eng, results, num_requests):
+    """Telemetry and the Prometheus-bound stats agree: one outcome per request, the same loaded tokens."""
+    stats = eng.connector.semblend_stats()
+    window = _windows(results)
+    assert sum(stats["outcomes"].values()) == num_requests
+    assert sum(window.outcomes.values()) == num_requests
+    by_outcome = {}
+    for key, n in window.outcomes.items():
+        by_outcome[key.split(":")[0]] = by_outcome.get(key.split(":")[0], 0) + n
+    assert {k: v for k, v in stats["outcomes"].items() if v} == by_outcome
+    assert stats["loaded_tokens"] == window.loaded_tokens
+    return stats, window
+
+
+def test_a_hit_that_finishes_in_its_load_step_counts_as_materialized(model_dir):
+    """max_tokens=1: vLLM finishes the request in the step that loaded its KV, before it hands over the workers'
+    report of that step; the outcome must wait for the report (it used to be recorded as aborted)."""
+    eng = prefix_engine(model_dir)
+    eng.add(H.make_request(A + D, req_id="donor"))
+    results = eng.run_until_done()
+    eng.add(H.make_request(D + Q, req_id="target", max_tokens=1))
+    results += eng.run_until_done()
+    stats, window = _assert_one_outcome_each(eng, results, 2)
+    assert stats["outcomes"]["materialized"] == 1 and stats["reasons"].get("aborted", 0) == 0
+    assert stats["loaded_tokens"] == window.loaded_tokens == 192 and window.credited_tokens == 192
+    assert_no_leaks(eng)
+
+
+def test_a_preempted_hit_records_one_outcome(model_dir):
+    eng = prefix_engine(model_dir, num_blocks=40)
+    eng.add(H.make_request(A + D, req_id="donor"))
+    results = eng.run_until_done()
+    eng.add(H.make_request(H.tokens(7, 240), req_id="other", max_tokens=120))
+    eng.add(H.make_request(D + Q, req_id="target", max_tokens=120))
+    results += eng.run_until_done(max_steps=600)
+    assert "target" in set().union(*(r.output.preempted_req_ids or set() for r in results))
+    stats, window = _assert_one_outcome_each(eng, results, 3)
+    # The last admission decides: the resumed target loaded its prefix again.
+    assert stats["outcomes"]["materialized"] == 1 and window.loaded_tokens == 192
+    assert_no_leaks(eng)
+

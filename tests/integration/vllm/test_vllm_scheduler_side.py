@@ -77,21 +77,25 @@ def test_one_failed_worker_fails_the_load_and_nothing_is_materialized():
                                                   scheduled_new_reqs=[], scheduled_cached_reqs=None))
     assert [ld.req_id for ld in plan.loads] == ["t"]
     s.update_connector_output(WorkerReport(loaded=(("t", 192),), load_failed=("t",)))  # one ok, one failed
+    s.request_finished(req)  # the outcome is recorded once, when the request ends
     stats = s.pipeline.stats()
     assert stats["outcomes"]["materialized"] == 0 and stats["reasons"].get(DeclineReason.LOAD_FAILED) == 1
-    s.request_finished(req)
     assert s.num_tracked_requests() == 0
 
 
 def test_mismatched_signature_and_inexact_rope_decline_before_credit():
     s = side(rope_exact=True)
     capture(s, "donor", A + D, votes=1, signature=KvSignature("float16", 4, 128))
-    assert s.get_num_new_matched_tokens(request("t", D + Q), 0) == (0, False)
+    t = request("t", D + Q)
+    assert s.get_num_new_matched_tokens(t, 0) == (0, False)
+    s.request_finished(t)
     assert s.pipeline.stats()["reasons"].get(DeclineReason.KV_LAYOUT_MISMATCH) == 1
 
     s = side(rope_exact=False)
     capture(s, "donor", A + D, votes=1)
-    assert s.get_num_new_matched_tokens(request("t", D + Q), 0) == (0, False)  # needs a shift of -64
+    t = request("t", D + Q)
+    assert s.get_num_new_matched_tokens(t, 0) == (0, False)  # needs a shift of -64
+    s.request_finished(t)
     assert s.pipeline.stats()["reasons"].get("rope_not_shift_invariant") == 1
 
 
