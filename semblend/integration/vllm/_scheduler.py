@@ -504,6 +504,9 @@ class SchedulerSide:
             self._load_votes.pop(req_id, None)
             if plan is not None:
                 self._record(st, plan, Outcome.DECLINED, DeclineReason.LOAD_FAILED)
+            # A donor whose KV could not be loaded is not offered again (it would be credited and fail again).
+            if spec.donor_id is not None:
+                self._retire(spec.namespace_key, spec.donor_id)
             self._settle_finishing(req_id)
             return
         votes = self._load_votes.get(req_id, 0) + 1

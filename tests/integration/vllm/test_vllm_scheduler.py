@@ -380,3 +380,18 @@ def test_a_preempted_hit_records_one_outcome(model_dir):
     assert stats["outcomes"]["materialized"] == 1 and window.loaded_tokens == 192
     assert_no_leaks(eng)
 
+
+def test_a_failed_load_retires_the_donor(model_dir):
+    eng = with_donor(prefix_engine(model_dir))
+    side = eng.connector.scheduler_side
+    eng.add(H.make_request(D + Q, req_id="target"))
+    r = eng.step(fail_loads=True)
+    assert r.loads and r.load_errors
+    eng.run_until_done()
+    assert "donor" not in {key[1] for key in side._resident}
+    # The next matching request is not credited against the donor that failed (before: credited, failed again).
+    nxt = H.make_request(D + H.tokens(11, 64), req_id="next")
+    assert eng.connector.get_num_new_matched_tokens(nxt, 0) == (0, False)
+    assert side._requests["next"].plan.donor_id != "donor"
+    eng.connector.request_finished(nxt, [])
+    assert_no_leaks(eng)
