@@ -36,14 +36,12 @@ class VllmAdapterConfig:
       prefix of a hit into the request's own blocks).
     * ``donor_kv_gpu_bytes`` / ``donor_kv_host_bytes``: capacity of the worker's donor KV store per tier (bytes;
       the host tier is pinned memory). Least recently used donors are evicted first.
-    * ``register_donors``: make finished prompts donors (off: donors come only from an external registrar).
     * ``min_donor_tokens``: shortest prompt worth capturing as a donor.
     """
 
     mode: str = MODE_DISCOVERY_ONLY
     donor_kv_gpu_bytes: int = 2 * _GIB
     donor_kv_host_bytes: int = 0
-    register_donors: bool = True
     min_donor_tokens: int = 64
 
     def __post_init__(self) -> None:
@@ -55,9 +53,6 @@ class VllmAdapterConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"kv_connector_extra_config.{name}={value!r} is not allowed; "
                                   "allowed: a non-negative integer")
-        if not isinstance(self.register_donors, bool):
-            raise ConfigError(f"kv_connector_extra_config.register_donors={self.register_donors!r} is not "
-                              "allowed; allowed: true or false")
 
     @property
     def materializes(self) -> bool:
@@ -72,12 +67,6 @@ def _parse_adapter_value(name: str, value: Any) -> Any:
     if not isinstance(value, str) or name == "mode":
         return value
     text = value.strip().lower()
-    if name == "register_donors":
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        return value
     try:
         return int(text)
     except ValueError:

@@ -416,7 +416,7 @@ class SchedulerSide:
 
     def _maybe_capture(self, st: _RequestState, tokens_done: int, out: list[SaveSpec]) -> None:
         """Capture the prompt's KV as a donor in the step its last prompt token is computed."""
-        if (st.capture_issued or not self.adapter.register_donors or tokens_done < st.num_prompt_tokens
+        if (st.capture_issued or tokens_done < st.num_prompt_tokens
                 or st.tainted_from_block is not None  # approximate KV never becomes a donor
                 or st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1)):
             return
@@ -478,7 +478,7 @@ class SchedulerSide:
             return
         pending = self._awaiting_capture.pop(key, None)
         if pending is None:
-            return  # captured earlier (another worker's vote) or registered by an external registrar
+            return  # captured earlier (another worker's vote)
         tokens, namespace = pending
         try:
             self.pipeline.register_donor(donor_id, tokens, namespace=namespace)
@@ -541,7 +541,7 @@ class SchedulerSide:
         else:
             self._load_votes.pop(req_id, None)
             self._finalize(st)
-        if (self.discovery_only and self.adapter.register_donors
+        if (self.discovery_only
                 and int(getattr(request, "num_computed_tokens", 0)) >= st.num_prompt_tokens
                 and st.num_prompt_tokens >= max(self.adapter.min_donor_tokens, 1)):
             try:
