@@ -13,6 +13,7 @@ without an engine and works across the vLLM releases whose config objects differ
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,10 +174,33 @@ def lora_key(lora_request: Any) -> str:
     return f"{name}@{path}"
 
 
+def media_key(request: Any) -> str | None:
+    """Identity of a request's non-text inputs: ``""`` for a text-only prompt; a digest of every multimodal item's
+    modality, content hash (vLLM's ``identifier``) and placeholder offset; ``None`` when the request carries input
+    whose identity is unknown (prompt embeddings, an item without a hash): its KV must not be shared at all."""
+    if getattr(request, "prompt_embeds", None) is not None:
+        return None
+    items = getattr(request, "mm_features", None) or ()
+    if not items:
+        return ""
+    parts = []
+    for item in items:
+        ident = getattr(item, "identifier", None) or getattr(item, "mm_hash", None)
+        if not ident:
+            return None
+        offset = getattr(getattr(item, "mm_position", None), "offset", None)
+        parts.append(f"{getattr(item, 'modality', '')}:{ident}@{offset}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
 def request_namespace(base: CacheNamespace, request: Any) -> CacheNamespace:
-    """``base`` specialised with the request's LoRA adapter and cache salt."""
+    """``base`` specialised with the request's LoRA adapter, cache salt and media identity (:func:`media_key`):
+    prompts with different images never share KV even where their token ids (image placeholders) are equal."""
     lora = lora_key(getattr(request, "lora_request", None))
-    salt = getattr(request, "cache_salt", None) or ""
+    salt = str(getattr(request, "cache_salt", None) or "")
+    media = media_key(request)
+    if media:
+        salt = f"{salt}|media:{media}"
     if not lora and not salt:
         return base
-    return dataclasses.replace(base, lora=lora, cache_salt=str(salt))
+    return dataclasses.replace(base, lora=lora, cache_salt=salt)

@@ -48,6 +48,7 @@ import numpy as np
 from semblend.integration.vllm._config import (
     MODE_DISCOVERY_ONLY,
     VllmAdapterConfig,
+    media_key,
     request_namespace,
 )
 from semblend.integration.vllm._metadata import KvSignature, LoadSpec, SaveSpec, StepPlan, WorkerReport
@@ -69,6 +70,7 @@ class DeclineReason:
     LOAD_FAILED = "load_failed"
     PREEMPTED = "preempted"
     ABORTED = "aborted"
+    MULTIMODAL_PROMPT = "multimodal_prompt"
 
 
 @dataclass
@@ -100,6 +102,7 @@ class _RequestState:
     capture_issued: bool = False
     load_in_flight: LoadSpec | None = None
     plan: SemanticKvPlan | None = None
+    unsupported: str = ""      # a reason never to plan, load or capture this request (e.g. multimodal_prompt)
 
 
 @dataclass
@@ -175,6 +178,8 @@ class SchedulerSide:
                 prompt=prompt,
                 num_prompt_tokens=int(request.num_prompt_tokens),
             )
+            if media_key(request) is None:  # prompt embeddings or media without a content hash
+                st.unsupported = DeclineReason.MULTIMODAL_PROMPT
             self._requests[request.request_id] = st
         return st
 
@@ -235,6 +240,9 @@ class SchedulerSide:
         """
         try:
             st = self._state(request)
+            if st.unsupported:
+                self._decline_unplanned(st)
+                return 0, False
             if self.discovery_only:
                 if st.plan is None:
                     st.plan = self._plan(st, num_computed_tokens)
@@ -245,6 +253,15 @@ class SchedulerSide:
             logger.warning("SemBlend: planning for %s failed (%s: %s); normal prefill",
                            getattr(request, "request_id", "?"), type(exc).__name__, exc)
             return 0, False
+
+    def _decline_unplanned(self, st: _RequestState) -> None:
+        """Record (once) that a request was not planned at all, with its reason."""
+        if st.outcome_recorded:
+            return
+        st.outcome_recorded = True
+        plan = SemanticKvPlan(False, st.unsupported, int(st.num_prompt_tokens), st.namespace)
+        self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=st.unsupported)
+        self.stats.outcome(Outcome.DECLINED, st.unsupported)
 
     def _plan(self, st: _RequestState, num_computed_tokens: int) -> SemanticKvPlan:
         t0 = time.perf_counter()
@@ -416,7 +433,7 @@ class SchedulerSide:
 
     def _maybe_capture(self, st: _RequestState, tokens_done: int, out: list[SaveSpec]) -> None:
         """Capture the prompt's KV as a donor in the step its last prompt token is computed."""
-        if (st.capture_issued or tokens_done < st.num_prompt_tokens
+        if (st.capture_issued or st.unsupported or tokens_done < st.num_prompt_tokens
                 or st.tainted_from_block is not None  # approximate KV never becomes a donor
                 or st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1)):
             return
@@ -541,7 +558,7 @@ class SchedulerSide:
         else:
             self._load_votes.pop(req_id, None)
             self._finalize(st)
-        if (self.discovery_only
+        if (self.discovery_only and not st.unsupported
                 and int(getattr(request, "num_computed_tokens", 0)) >= st.num_prompt_tokens
                 and st.num_prompt_tokens >= max(self.adapter.min_donor_tokens, 1)):
             try:

@@ -123,3 +123,54 @@ def test_discovery_registers_only_fully_computed_prompts():
     s.request_finished(done)
     s.request_finished(cut)
     assert len(s.pipeline.store) == 1 and s.num_tracked_requests() == 0
+
+
+def _image(ident, offset=70, length=16):
+    return SimpleNamespace(modality="image", identifier=ident, mm_position=SimpleNamespace(offset=offset,
+                                                                                          length=length))
+
+
+def test_multimodal_prompts_share_kv_only_with_the_same_media():
+    """Image placeholder tokens are equal for every image: the media hashes must be part of the namespace (before,
+    two prompts with different images and equal token ids were credited against each other at delta 0)."""
+    s = side()
+    donor = request("donor", A + D)
+    donor.mm_features = [_image("img-A")]
+    s.get_num_new_matched_tokens(donor, 0)
+    s.update_state_after_alloc(donor, list(range(100, 116)), 0)
+    out = SimpleNamespace(preempted_req_ids=set(), num_scheduled_tokens={"donor": 256},
+                          scheduled_new_reqs=[SimpleNamespace(req_id="donor", block_ids=(list(range(100, 116)),),
+                                                              num_computed_tokens=0)],
+                          scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[],
+                                                                resumed_req_ids=set()))
+    (save,) = s.build_connector_meta(out).saves
+    s.update_connector_output(WorkerReport(saved=(SavedDonor(save.namespace_key, "donor", 256, SIG, 0),)))
+    s.request_finished(donor)
+    other_image, same_image = request("b", A + D[:128] + Q), request("a", A + D[:128] + Q)
+    other_image.mm_features, same_image.mm_features = [_image("img-B")], [_image("img-A")]
+    assert s.get_num_new_matched_tokens(other_image, 0) == (0, False)
+    assert s.get_num_new_matched_tokens(same_image, 0) == (192, False)
+    for r in (other_image, same_image):
+        s.request_finished(r)
+    assert s.num_tracked_requests() == 0
+
+
+def test_prompt_embeds_and_unhashed_media_are_declined_and_never_captured():
+    s = side()
+    capture(s, "donor", A + D, votes=1)
+    embeds, unhashed = request("e", D + Q), request("u", D + Q)
+    embeds.prompt_embeds = object()
+    unhashed.mm_features = [_image("")]
+    for r in (embeds, unhashed):
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # idempotent: one outcome
+        s.update_state_after_alloc(r, list(range(20)), 0)
+    out = SimpleNamespace(preempted_req_ids=set(), num_scheduled_tokens={"e": 256, "u": 256},
+                          scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(list(range(20)),),
+                                                              num_computed_tokens=0) for r in ("e", "u")],
+                          scheduled_cached_reqs=None)
+    assert s.build_connector_meta(out).saves == ()
+    for r in (embeds, unhashed):
+        s.request_finished(r)
+    assert s.pipeline.stats()["reasons"].get(DeclineReason.MULTIMODAL_PROMPT) == 2
+    assert s.num_tracked_requests() == 0
