@@ -81,8 +81,9 @@ class _Decision:
     plan: SemanticKvPlan
     credit: int = 0
     reason: str = ""
-    donor_start: int = 0      # donor token that maps to target token 0 of the prefix span
-    context_exact: bool = True
+    # The reusable prefix as (donor_start, target_start, length) pieces covering target [0, n), one per exact
+    # span (each has its own RoPE shift; several only with strict_prefix_boundary=false).
+    segments: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass
@@ -100,7 +101,7 @@ class _RequestState:
     tainted_from_block: int | None = None  # hash-block index from which block hashes were re-salted
     block_ids: list[int] = field(default_factory=list)
     capture_issued: bool = False
-    load_in_flight: LoadSpec | None = None
+    load_in_flight: tuple[LoadSpec, ...] | None = None
     plan: SemanticKvPlan | None = None
     unsupported: str = ""      # a reason never to plan, load or capture this request (e.g. multimodal_prompt)
 
@@ -141,7 +142,7 @@ class SchedulerSide:
         self.stats = ConnectorStats()
         self._block_pool: Any = None
         self._requests: dict[str, _RequestState] = {}
-        self._pending_loads: dict[str, LoadSpec] = {}
+        self._pending_loads: dict[str, tuple[LoadSpec, ...]] = {}
         self._resident: dict[tuple[str, str], _Resident] = {}
         self._awaiting_capture: OrderedDict[tuple[str, str], tuple[Sequence[int], CacheNamespace]] = OrderedDict()
         self._load_votes: dict[str, int] = {}
@@ -288,16 +289,19 @@ class SchedulerSide:
         # Only the prompt counts: a resumed request's output tokens are never reused.
         n = min(plan.prefix_reusable_tokens(self.block_size), st.num_prompt_tokens - 1)
         n -= n % self.block_size
-        span = plan.spans[0] if plan.spans else None
-        if span is None or n <= 0 or span.target_start != 0:
+        segments = self._prefix_segments(plan, n)
+        n = sum(length for _, _, length in segments)
+        n -= n % self.block_size
+        if n <= 0:
             d.reason = DeclineReason.NO_REUSABLE_PREFIX
         elif n <= num_local:
             d.reason = DeclineReason.ENGINE_PREFIX_COVERS
         else:
-            d.donor_start = span.donor_start
-            d.context_exact = span.context_exact
             resident = self._resident.get((st.namespace.key, plan.donor_id))
-            if span.delta != 0 and not self.rope_exact:
+            if not self.rope_exact:  # only shift-free pieces can be loaded
+                exact = [seg for seg in segments if seg[0] == seg[1]]
+                n = min(n, _contiguous_end(exact))
+            if n <= num_local:
                 d.reason = Reason.ROPE_NOT_SHIFT_INVARIANT
             elif resident is None or resident.votes < self.num_workers:
                 d.reason = DeclineReason.DONOR_KV_EVICTED
@@ -305,21 +309,37 @@ class SchedulerSide:
                 d.reason = DeclineReason.KV_LAYOUT_MISMATCH
             else:
                 # The store may hold fewer tokens than the donor prompt (a capture of a truncated prompt).
-                avail = resident.num_tokens - span.donor_start
-                n = min(n, avail - avail % self.block_size)
+                n = min(n, _resident_end(segments, resident.num_tokens))
+                n -= n % self.block_size
                 if n <= num_local:
                     d.reason = DeclineReason.DONOR_KV_EVICTED
                 else:
+                    d.segments = _clip(segments, n)
                     d.credit = n - num_local
         if not d.credit:
             outcome = Outcome.EXACT if d.reason == DeclineReason.ENGINE_PREFIX_COVERS else Outcome.DECLINED
             self._record(st, plan, outcome, d.reason)
         return d
 
+    def _prefix_segments(self, plan: SemanticKvPlan, n: int) -> list[tuple[int, int, int]]:
+        """The exact spans covering target ``[0, n)`` contiguously from 0, as (donor_start, target_start, length);
+        stops at a gap or at a span of another donor."""
+        out: list[tuple[int, int, int]] = []
+        covered = 0
+        for span in plan.spans:
+            if covered >= n or span.target_start != covered:
+                break
+            if getattr(span, "donor_id", None) not in (None, plan.donor_id):
+                break
+            length = min(span.target_end, n) - span.target_start
+            out.append((span.donor_start, span.target_start, length))
+            covered += length
+        return out
+
     def _donor_loadable(self, d: _Decision) -> bool:
         resident = self._resident.get((d.plan.namespace.key, d.plan.donor_id))
         return (resident is not None and resident.votes >= self.num_workers
-                and resident.num_tokens >= d.donor_start + d.num_local + d.credit)
+                and _resident_end(d.segments, resident.num_tokens) >= d.num_local + d.credit)
 
     # ------------------------------------------------------------------ update_state_after_alloc
     def update_state_after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
@@ -341,19 +361,27 @@ class SchedulerSide:
                            num_external_tokens, st.req_id, d.credit if d else 0)
             start = d.num_local if d is not None else 0
             first, last = start // bs, -(-(start + num_external_tokens) // bs)
-            self._pending_loads[st.req_id] = LoadSpec(st.req_id, st.namespace.key, None, 0, start,
-                                                      num_external_tokens, tuple(st.block_ids[first:last]), bs)
+            self._pending_loads[st.req_id] = (LoadSpec(st.req_id, st.namespace.key, None, 0, start,
+                                                       num_external_tokens, tuple(st.block_ids[first:last]), bs),)
             return
-        start = d.num_local
-        first, last = start // bs, -(-(start + num_external_tokens) // bs)
-        spec = LoadSpec(
-            req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.plan.donor_id,
-            donor_start=d.donor_start + start, target_start=start, num_tokens=num_external_tokens,
-            block_ids=tuple(st.block_ids[first:last]), block_size=bs,
-        )
-        if not d.context_exact:
-            self._taint(request, st, start)
-        self._pending_loads[st.req_id] = spec
+        start, end = d.num_local, d.num_local + num_external_tokens
+        specs = []
+        for donor_start, target_start, length in d.segments:
+            lo, hi = max(start, target_start), min(end, target_start + length)
+            if lo >= hi:
+                continue
+            specs.append(LoadSpec(
+                req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.plan.donor_id,
+                donor_start=donor_start + (lo - target_start), target_start=lo, num_tokens=hi - lo,
+                block_ids=tuple(st.block_ids[lo // bs: -(-hi // bs)]), block_size=bs,
+            ))
+        # KV is context-exact only where donor and target share everything before it: inside the first piece, when
+        # it starts at token 0 of both. From the first other piece on, blocks must stay out of the exact cache.
+        exact_end = d.segments[0][2] if d.segments[0][:2] == (0, 0) else 0
+        approx = [sp.target_start for sp in specs if sp.target_start >= exact_end]
+        if approx:
+            self._taint(request, st, min(approx))
+        self._pending_loads[st.req_id] = tuple(specs)
         st.credited = num_external_tokens
 
     def _taint(self, request: Any, st: _RequestState, start_token: int) -> None:
@@ -421,13 +449,13 @@ class SchedulerSide:
                 done = int(cached.num_computed_tokens[i]) + int(num_sched.get(req_id, 0))
                 self._maybe_capture(st, done, captures)
         loads = []
-        for req_id, spec in self._pending_loads.items():
+        for req_id, specs in self._pending_loads.items():
             st = self._requests.get(req_id)
-            if st is None or req_id in preempted:
+            if st is None or req_id in preempted or not specs:
                 continue
-            st.load_in_flight = spec
+            st.load_in_flight = specs
             self._load_votes[req_id] = 0
-            loads.append(spec)
+            loads.extend(specs)
         self._pending_loads.clear()
         return StepPlan(loads=tuple(loads), saves=tuple(captures))
 
@@ -482,7 +510,8 @@ class SchedulerSide:
         invalid = set(invalid_block_ids or ())
         if invalid:
             for req_id, st in [*self._requests.items(), *self._finishing.items()]:
-                if st.load_in_flight is not None and invalid.intersection(st.load_in_flight.block_ids):
+                if st.load_in_flight is not None and any(invalid.intersection(sp.block_ids)
+                                                         for sp in st.load_in_flight):
                     self._on_load_result(req_id, 0, failed=True)
 
     def _on_saved(self, ns_key: str, donor_id: str, num_tokens: int, signature: KvSignature) -> None:
@@ -514,7 +543,7 @@ class SchedulerSide:
         st = self._requests.get(req_id) or self._finishing.get(req_id)
         if st is None or st.load_in_flight is None:
             return
-        spec = st.load_in_flight
+        specs = st.load_in_flight
         plan = st.decision.plan if st.decision is not None else st.plan
         if failed:
             st.load_in_flight = None
@@ -522,19 +551,19 @@ class SchedulerSide:
             if plan is not None:
                 self._record(st, plan, Outcome.DECLINED, DeclineReason.LOAD_FAILED)
             # A donor whose KV could not be loaded is not offered again (it would be credited and fail again).
-            if spec.donor_id is not None:
-                self._retire(spec.namespace_key, spec.donor_id)
+            if specs[0].donor_id is not None:
+                self._retire(specs[0].namespace_key, specs[0].donor_id)
             self._settle_finishing(req_id)
             return
         votes = self._load_votes.get(req_id, 0) + 1
-        if votes < self.num_workers:
+        if votes < self.num_workers * len(specs):  # every worker reports every piece
             self._load_votes[req_id] = votes
             return
         st.load_in_flight = None
         self._load_votes.pop(req_id, None)
         if plan is not None:
             # The tokens SemBlend loaded (vLLM's own prefix hit before them is not SemBlend's reuse).
-            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=spec.num_tokens)
+            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=sum(sp.num_tokens for sp in specs))
         self._settle_finishing(req_id)
 
     def _settle_finishing(self, req_id: str) -> None:
@@ -569,3 +598,35 @@ class SchedulerSide:
     # ------------------------------------------------------------------ introspection
     def resident_donors(self) -> int:
         return sum(1 for r in self._resident.values() if r.votes >= self.num_workers)
+
+
+def _contiguous_end(segments: Sequence[tuple[int, int, int]]) -> int:
+    """End of the run of pieces contiguous from target token 0."""
+    covered = 0
+    for _, target_start, length in segments:
+        if target_start != covered:
+            break
+        covered += length
+    return covered
+
+
+def _resident_end(segments: Sequence[tuple[int, int, int]], donor_tokens: int) -> int:
+    """How far from target token 0 the pieces can be loaded from a donor whose store holds ``donor_tokens``."""
+    covered = 0
+    for donor_start, target_start, length in segments:
+        if target_start != covered:
+            break
+        usable = max(0, min(length, donor_tokens - donor_start))
+        covered += usable
+        if usable < length:
+            break
+    return covered
+
+
+def _clip(segments: Sequence[tuple[int, int, int]], n: int) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for donor_start, target_start, length in segments:
+        if target_start >= n:
+            break
+        out.append((donor_start, target_start, min(length, n - target_start)))
+    return tuple(out)

@@ -234,24 +234,36 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ loads
     def start_load(self, plan: StepPlan | None) -> None:
-        """Write every load of this step into the paged cache. Never raises: failures go to the error path."""
+        """Write every load of this step into the paged cache. Never raises: failures go to the error path.
+
+        A request's loads (one per exact span, each with its own RoPE shift) succeed or fail together: when one
+        fails, every block of every piece is reported, so vLLM recomputes the request's whole loaded range."""
         if not plan:
             return
+        by_request: dict[str, list[LoadSpec]] = {}
         for spec in plan.loads:
-            t0 = time.perf_counter()
-            try:
-                self._load(spec)
-            except Exception as exc:  # noqa: BLE001 -- any failure must reach vLLM's recompute path
-                logger.warning("SemBlend: load for %s failed (%s: %s); vLLM will recompute %d tokens",
-                               spec.req_id, type(exc).__name__, exc, spec.num_tokens)
-                self._fail(spec)
-                continue
-            self._report = self._report.merge(WorkerReport(loaded=((spec.req_id, spec.num_tokens),),
-                                                           load_s=(time.perf_counter() - t0,), workers=0))
+            by_request.setdefault(spec.req_id, []).append(spec)
+        for req_id, specs in by_request.items():
+            done = []
+            for spec in specs:
+                t0 = time.perf_counter()
+                try:
+                    self._load(spec)
+                except Exception as exc:  # noqa: BLE001 -- any failure must reach vLLM's recompute path
+                    logger.warning("SemBlend: load for %s failed (%s: %s); vLLM will recompute %d tokens",
+                                   req_id, type(exc).__name__, exc, sum(sp.num_tokens for sp in specs))
+                    self._fail(specs)
+                    done = []
+                    break
+                done.append(WorkerReport(loaded=((req_id, spec.num_tokens),),
+                                         load_s=(time.perf_counter() - t0,), workers=0))
+            for report in done:
+                self._report = self._report.merge(report)
 
-    def _fail(self, spec: LoadSpec) -> None:
-        self._errors.update(spec.block_ids)
-        self._report = self._report.merge(WorkerReport(load_failed=(spec.req_id,), workers=0))
+    def _fail(self, specs: list[LoadSpec]) -> None:
+        for spec in specs:
+            self._errors.update(spec.block_ids)
+        self._report = self._report.merge(WorkerReport(load_failed=(specs[0].req_id,), workers=0))
 
     def _load(self, spec: LoadSpec) -> None:
         if spec.donor_id is None:

@@ -395,3 +395,31 @@ def test_a_failed_load_retires_the_donor(model_dir):
     assert side._requests["next"].plan.donor_id != "donor"
     eng.connector.request_finished(nxt, [])
     assert_no_leaks(eng)
+
+
+def test_non_strict_prefix_loads_each_span_with_its_own_shift(model_dir):
+    """strict_prefix_boundary=false lets the prefix run across a seam: two exact spans with different RoPE shifts.
+    Before, one range was loaded with the first span's shift, so target tokens past the seam received the KV of
+    other donor tokens (rel err 1.40 on the H200)."""
+    X, D1, Y, D2 = H.tokens(21, 64), H.tokens(22, 96), H.tokens(23, 32), H.tokens(24, 96)
+    cfg = H.make_vllm_config(model_dir, mode="prefix",
+                             extra={"min_donor_tokens": 32, "strict_prefix_boundary": False})
+    eng = with_donor(H.Engine(cfg), X + D1 + Y + D2)
+    target = D1 + D2 + Q
+    eng.add(H.make_request(target, req_id="target"))
+    r = eng.step()
+    new = r.output.scheduled_new_reqs[0]
+    assert new.num_computed_tokens == 192
+    assert [(ld.donor_start, ld.target_start, ld.num_tokens, ld.delta) for ld in r.loads] == [
+        (64, 0, 96, -64), (192, 96, 96, -96)]
+    blocks = new.block_ids[0]
+    for layer in range(H.NUM_LAYERS):
+        k, v = eng.model.read(layer, range(192), blocks)
+        cold_k, cold_v = eng.model.expected(layer, D1 + D2, range(192))
+        torch.testing.assert_close(k, cold_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, cold_v, rtol=0, atol=0)
+    eng.run_until_done()
+    stats = eng.connector.semblend_stats()
+    assert stats["outcomes"]["materialized"] == 1 and stats["loaded_tokens"] == 192
+    assert local_hit(eng, target) == 0  # moved KV never becomes an exact prefix-cache hit
+    assert_no_leaks(eng)
