@@ -217,8 +217,9 @@ class SchedulerSide:
         Reason.EXACT_PREFIX_SUFFICIENT: Outcome.EXACT, Reason.NO_GAIN_OVER_EXACT_PREFIX: Outcome.EXACT,
     }
 
-    def _count_plan_outcome(self, st: _RequestState, plan: SemanticKvPlan) -> None:
-        """Outcomes the pipeline records itself (misses; discovery-only hits): count them for metrics once."""
+    def _count_plan_outcome(self, st: _RequestState, plan: SemanticKvPlan, reason: str | None = None) -> None:
+        """Outcomes the pipeline records itself (misses; discovery-only hits): count them for metrics once.
+        ``reason`` overrides the plan's (a discovery hit that prefix mode would decline says why)."""
         if st.outcome_recorded:
             return
         st.outcome_recorded = True
@@ -226,7 +227,26 @@ class SchedulerSide:
             outcome = Outcome.DISCOVERY_ONLY
         else:
             outcome = self._MISS_OUTCOMES.get(plan.reason, Outcome.DECLINED)
-        self.stats.outcome(outcome, plan.reason)
+        self.stats.outcome(outcome, reason or plan.reason)
+
+    def _would_credit(self, st: _RequestState, plan: SemanticKvPlan, num_local: int) -> tuple[int, str]:
+        """``(tokens, reason)`` prefix mode would credit for this plan, residency aside (discovery captures no KV):
+        the same prefix, block and RoPE rules as :meth:`_decide`."""
+        if not plan.is_hit:
+            return 0, plan.reason
+        n = min(plan.prefix_reusable_tokens(self.block_size), st.num_prompt_tokens - 1)
+        segments = self._prefix_segments(plan, max(0, n))
+        n = sum(length for _, _, length in segments)
+        if not self.rope_exact:
+            n = min(n, _contiguous_end([seg for seg in segments if seg[0] == seg[1]]))
+        n -= n % self.block_size
+        if n <= 0:
+            reason = DeclineReason.NO_REUSABLE_PREFIX if self.rope_exact or not segments else \
+                Reason.ROPE_NOT_SHIFT_INVARIANT
+            return 0, reason
+        if n <= num_local:
+            return 0, DeclineReason.ENGINE_PREFIX_COVERS
+        return n - num_local, plan.reason
 
     def num_tracked_requests(self) -> int:
         """Requests with state here (0 when the scheduler is idle: nothing leaks)."""
@@ -247,7 +267,10 @@ class SchedulerSide:
             if self.discovery_only:
                 if st.plan is None:
                     st.plan = self._plan(st, num_computed_tokens)
-                    self._count_plan_outcome(st, st.plan)  # the pipeline recorded it in its telemetry
+                    would, reason = self._would_credit(st, st.plan, num_computed_tokens)
+                    self.stats.would_credit(would)
+                    # The pipeline recorded the hit in its telemetry; the stats say what prefix would have done.
+                    self._count_plan_outcome(st, st.plan, reason if st.plan.is_hit and not would else None)
                 return 0, False
             return self._decide(st, request, num_computed_tokens).credit, False
         except Exception as exc:  # noqa: BLE001 -- rule 5: never fail inference

@@ -112,6 +112,13 @@ class SemBlendPromMetrics(KVConnectorPromMetrics):
         self._loaded = self._counter_cls(
             name="vllm:semblend_loaded_tokens", documentation="Prompt tokens whose KV SemBlend loaded.",
             labelnames=labelnames)
+        self._would = self._counter_cls(
+            name="vllm:semblend_would_credit_tokens",
+            documentation="discovery_only: prompt tokens prefix mode would have credited.", labelnames=labelnames)
+        self._would_per_request = self._histogram_cls(
+            name="vllm:semblend_would_credit_tokens_per_request",
+            documentation="discovery_only: tokens prefix mode would have credited, per planned request.",
+            labelnames=labelnames, buckets=[0, 16, 64, 256, 1024, 4096, 16384, 65536])
         buckets = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25]
         self._plan = self._histogram_cls(
             name="vllm:semblend_plan_seconds", documentation="SemBlend planning time per request.",
@@ -128,6 +135,10 @@ class SemBlendPromMetrics(KVConnectorPromMetrics):
             self._outcomes.labels(*labels, outcome, reason).inc(n)
         if window.loaded_tokens:
             self._loaded.labels(*labels).inc(window.loaded_tokens)
+        if window.would_credit_tokens:
+            self._would.labels(*labels).inc(window.would_credit_tokens)
+        for n in window.would_credit_samples:
+            self._would_per_request.labels(*labels).observe(n)
         for s in window.plan_s:
             self._plan.labels(*labels).observe(s)
         for s in window.load_s:
@@ -236,8 +247,9 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
                               "a donor load that fails must fall back to prefill, not fail the request")
         if kv_cache_config is not None and spec is None:
             raise ConfigError("SemBlend mode 'prefix' supports models whose KV cache is one full-attention group; "
-                              "this model has sliding-window, hybrid or several KV cache groups. "
-                              "Use mode 'discovery_only'.")
+                              "this model has sliding-window, hybrid or several KV cache groups. No SemBlend mode "
+                              "suits it: any KV connector turns off vLLM's hybrid KV cache manager; run it without "
+                              "the connector (docs/vllm.md)")
         if getattr(vllm_config.model_config, "is_encoder_decoder", False):
             raise ConfigError("SemBlend mode 'prefix' does not support encoder-decoder models")
 

@@ -174,3 +174,22 @@ def test_prompt_embeds_and_unhashed_media_are_declined_and_never_captured():
         s.request_finished(r)
     assert s.pipeline.stats()["reasons"].get(DeclineReason.MULTIMODAL_PROMPT) == 2
     assert s.num_tracked_requests() == 0
+
+
+def test_discovery_reports_what_prefix_mode_would_credit_per_request():
+    """discovery_only counted every hit; prefix mode declines some (no prefix at token 0, RoPE). The stats now carry
+    the would-be-credited tokens per request, and a hit prefix would decline carries prefix's reason."""
+    s = side(mode="discovery_only")
+    donor = request("donor", A + D)
+    s.get_num_new_matched_tokens(donor, 0)
+    donor.num_computed_tokens = 256
+    s.request_finished(donor)
+    doc_first, doc_moved_inside = request("t1", D + Q), request("t2", Q + D)
+    for r in (doc_first, doc_moved_inside):
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+        s.request_finished(r)
+    window = s.stats.take()
+    assert window["would_credit"] == [0, 192, 0]  # donor (miss), D at token 0, D at token 64 (no prefix)
+    assert window["would_credit_tokens"] == 192
+    reasons = {k for k in window["outcomes"] if k.startswith("discovery_only:")}
+    assert "discovery_only:no_reusable_prefix" in reasons
