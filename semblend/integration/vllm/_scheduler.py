@@ -149,6 +149,9 @@ class SchedulerSide:
         # Finished requests whose load result is still due (vLLM calls request_finished before it hands over the
         # same step's worker output): their outcome waits for it.
         self._finishing: dict[str, _RequestState] = {}
+        # Content digest of each captured (or being captured) donor prompt, both ways (capture deduplication).
+        self._by_content: dict[tuple[str, bytes], tuple[str, str]] = {}
+        self._content_of: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._step = 0
         self._secret = os.urandom(16)
 
@@ -494,9 +497,17 @@ class SchedulerSide:
             return
         st.capture_issued = True
         key = (st.namespace.key, st.req_id)
+        # Identical prompts (same namespace, same tokens) are captured once: the first capture serves them all.
+        content = (st.namespace.key, hashlib.sha256(np.ascontiguousarray(st.prompt[:n]).tobytes()).digest())
+        holder = self._by_content.get(content)
+        if holder is not None and (holder in self._awaiting_capture or holder in self._resident):
+            return
+        self._by_content[content] = key
+        self._content_of[key] = content
         self._awaiting_capture[key] = (st.prompt, st.namespace)
         while len(self._awaiting_capture) > self.MAX_AWAITING_CAPTURE:
-            self._awaiting_capture.popitem(last=False)
+            old, _ = self._awaiting_capture.popitem(last=False)
+            self._forget_content(old)
         out.append(SaveSpec(st.req_id, st.namespace.key, st.req_id, n, tuple(st.block_ids[:nblocks]),
                             self.block_size, tuple(np.asarray(st.prompt[:n]).tolist())))
 
@@ -520,6 +531,7 @@ class SchedulerSide:
                 self._on_saved(saved.namespace_key, saved.donor_id, saved.num_tokens, saved.signature)
             for key in report.save_failed:
                 self._awaiting_capture.pop(key, None)
+                self._forget_content(key)
             for ns_key, donor_id in report.evicted:
                 self._retire(ns_key, donor_id)
             for req_id in report.load_failed:
@@ -554,8 +566,15 @@ class SchedulerSide:
         except SemBlendError as exc:
             logger.warning("SemBlend: donor %s not registered: %s", donor_id, exc)
             self._resident.pop(key, None)
+            self._forget_content(key)
+
+    def _forget_content(self, key: tuple[str, str]) -> None:
+        content = self._content_of.pop(key, None)
+        if content is not None and self._by_content.get(content) == key:
+            del self._by_content[content]
 
     def _retire(self, ns_key: str, donor_id: str) -> None:
+        self._forget_content((ns_key, donor_id))
         self._resident.pop((ns_key, donor_id), None)
         self._awaiting_capture.pop((ns_key, donor_id), None)
         store = getattr(self.pipeline, "store", None)

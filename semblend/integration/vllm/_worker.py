@@ -92,6 +92,32 @@ def paged_view(storages: tuple[Any, ...], layout: BlockLayout) -> KvCacheView | 
     return KvCacheView.from_separate(HF_CONTIGUOUS, [p[0] for p in pairs], [p[1] for p in pairs])
 
 
+RESERVE_BYTES = 1 << 30  # left free on the cache's device after the donor store's device tier
+
+
+def free_device_bytes(device: Any) -> int | None:
+    """Bytes free on ``device`` now (CUDA: ``mem_get_info``; CPU: available system memory), None if unknown."""
+    try:
+        if getattr(device, "type", str(device)) == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 -- unknown: keep the configured size
+        return None
+
+
+def device_tier_bytes(configured: int, free: int | None, reserve: int = RESERVE_BYTES) -> int:
+    """The donor store's device tier: at most ``configured``, and never more than what vLLM left free on the
+    device at registration (its KV cache and activations are allocated by then) minus ``reserve``. The store lives
+    outside vLLM's memory budget, so this is how it stays out of vLLM's way."""
+    if free is None:
+        return int(configured)
+    return max(0, min(int(configured), int(free) - int(reserve)))
+
+
 class WorkerSide:
     """All worker-side state of one connector.
 
@@ -148,7 +174,14 @@ class WorkerSide:
         if self.store is None:
             from semblend_core.kv_tensor_store import KvTensorStore
 
-            self.store = KvTensorStore(device_bytes=self._capacity[0], host_bytes=self._capacity[1], device=device)
+            free = free_device_bytes(device)
+            device_bytes = device_tier_bytes(self._capacity[0], free)
+            if device_bytes < self._capacity[0]:
+                logger.warning("SemBlend: donor KV device tier capped at %.2f GiB (%.2f GiB configured; %.2f GiB "
+                               "free after vLLM's allocation, %.0f GiB kept free); use donor_kv_host_bytes for more",
+                               device_bytes / 2**30, self._capacity[0] / 2**30, (free or 0) / 2**30,
+                               RESERVE_BYTES / 2**30)
+            self.store = KvTensorStore(device_bytes=device_bytes, host_bytes=self._capacity[1], device=device)
         self._dtype, self._device = dtype, device
         logger.info("SemBlend: %d layers registered, %s, layout %s (%s)", len(names), self.signature,
                     layout.source, "strided: fused kernel" if self._paged is not None else "indexed")

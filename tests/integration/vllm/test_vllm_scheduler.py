@@ -423,3 +423,20 @@ def test_non_strict_prefix_loads_each_span_with_its_own_shift(model_dir):
     assert stats["outcomes"]["materialized"] == 1 and stats["loaded_tokens"] == 192
     assert local_hit(eng, target) == 0  # moved KV never becomes an exact prefix-cache hit
     assert_no_leaks(eng)
+
+
+def test_identical_prompts_are_captured_once(model_dir):
+    """3 sends of one prompt made 3 donor copies; the KV store now holds one, and it keeps serving hits."""
+    eng = prefix_engine(model_dir)
+    results = []
+    for i in range(3):
+        eng.add(H.make_request(A + D, req_id=f"same-{i}"))
+        results += eng.run_until_done()
+    saves = [s for r in results for s in r.saves]
+    assert len(saves) == 1
+    assert len(eng.worker.worker_side.store) == 1 and eng.connector.scheduler_side.resident_donors() == 1
+    eng.add(H.make_request(D + Q, req_id="target"))
+    r = eng.step()
+    assert r.loads and r.loads[0].donor_id == "same-0"
+    eng.run_until_done()
+    assert_no_leaks(eng)

@@ -226,3 +226,19 @@ def test_register_kv_caches_warms_the_fused_kernel_without_touching_the_cache(mo
     assert {d for d, _, _ in calls} == {0, 1} and len(calls) == 3
     assert all(dt == "torch.float32" and dev == "cpu" for _, dt, dev in calls)
     assert all(torch.equal(before[n], t) for n, t in caches.items())
+
+
+def test_donor_store_device_tier_is_sized_from_what_vllm_left(monkeypatch):
+    """The store lives outside vLLM's memory budget: its device tier never takes more than what is free on the
+    device once vLLM allocated its KV cache (minus a reserve); before, it was the configured size regardless."""
+    import semblend.integration.vllm._worker as W
+
+    assert W.device_tier_bytes(8 << 30, None) == 8 << 30
+    assert W.device_tier_bytes(8 << 30, 3 << 30) == 2 << 30
+    assert W.device_tier_bytes(1 << 30, 64 << 30) == 1 << 30
+    assert W.device_tier_bytes(8 << 30, 1 << 29) == 0
+    monkeypatch.setattr(W, "free_device_bytes", lambda device: (1 << 30) + (3 << 20))
+    worker = WorkerSide(None, H.rope_spec(), head_size=H.HEAD_SIZE, device_bytes=2 << 30)
+    caches = H.paged_kv_caches(BS, NUM_BLOCKS, "LBHNC")
+    worker.register_kv_caches(caches, probe(caches, H.StandInBackend("cpu_vec")))
+    assert worker.store.stats().device_capacity == 3 << 20
