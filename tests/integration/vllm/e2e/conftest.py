@@ -88,6 +88,12 @@ def shutdown(llm: Any) -> None:
         kv_transfer_state.ensure_kv_transfer_shutdown()
     except Exception:  # noqa: BLE001
         pass
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    gc.collect()
+    cleanup_dist_env_and_memory()  # what vLLM's own tests do between engines in one process
 
 
 # ---------------------------------------------------------------------------------------------- engine access
