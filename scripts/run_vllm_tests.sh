@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="$(bash scripts/setup_vllm_env.sh | tail -n 1)"
-"$PY" -m pytest tests/integration/vllm -q -p no:cacheprovider
+"$PY" -m pytest tests/integration/vllm --ignore=tests/integration/vllm/e2e -q -p no:cacheprovider

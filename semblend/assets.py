@@ -56,6 +56,7 @@ __all__ = [
     "paper_prompt",
     "smollm2_cache_dir",
     "smollm2_gguf_path",
+    "smollm2_model_dir",
     "tiny_llama_config",
 ]
 
@@ -156,11 +157,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                  local_files_only=True)
-    # The weights are now plain float32 tensors; drop the GGUF quantizer marker so the model serializes like any
-    # other (transformers refuses to save a model it still considers quantized).
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # The weights are now plain float32 tensors. Rebuild a plain model from a config without the GGUF
+    # ``quantization_config`` (transformers refuses to save a model it loaded from GGUF, and an engine that reads
+    # config.json, such as vLLM, would take the folder for a quantized checkpoint) and copy the weights in.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = model.state_dict()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state)
+    model.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=str(target.parent)))
     try:
@@ -175,6 +181,24 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("converted SmolLM2 in %.1f s -> %s", time.perf_counter() - t0, target)
+
+
+def smollm2_model_dir(*, gguf_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+                      ) -> Path:
+    """The converted SmolLM2 safetensors folder (config, weights, tokenizer), converting the GGUF once if needed.
+
+    For engines that load a model folder themselves (vLLM): its ``config.json`` has no ``quantization_config``.
+    """
+    from semblend_core._compat import require
+
+    require("transformers", extra="transformers")
+    gguf = Path(gguf_path) if gguf_path is not None else smollm2_gguf_path()
+    folder = smollm2_cache_dir(gguf, cache_dir)
+    with _Offline():
+        if not (folder / _DONE_MARKER).is_file():
+            require("gguf", extra="transformers")
+            _convert_gguf(gguf, folder)
+    return folder
 
 
 def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,

@@ -13,6 +13,7 @@ without an engine and works across the vLLM releases whose config objects differ
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,14 +37,12 @@ class VllmAdapterConfig:
       prefix of a hit into the request's own blocks).
     * ``donor_kv_gpu_bytes`` / ``donor_kv_host_bytes``: capacity of the worker's donor KV store per tier (bytes;
       the host tier is pinned memory). Least recently used donors are evicted first.
-    * ``register_donors``: make finished prompts donors (off: donors come only from an external registrar).
     * ``min_donor_tokens``: shortest prompt worth capturing as a donor.
     """
 
     mode: str = MODE_DISCOVERY_ONLY
     donor_kv_gpu_bytes: int = 2 * _GIB
     donor_kv_host_bytes: int = 0
-    register_donors: bool = True
     min_donor_tokens: int = 64
 
     def __post_init__(self) -> None:
@@ -55,9 +54,6 @@ class VllmAdapterConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"kv_connector_extra_config.{name}={value!r} is not allowed; "
                                   "allowed: a non-negative integer")
-        if not isinstance(self.register_donors, bool):
-            raise ConfigError(f"kv_connector_extra_config.register_donors={self.register_donors!r} is not "
-                              "allowed; allowed: true or false")
 
     @property
     def materializes(self) -> bool:
@@ -72,12 +68,6 @@ def _parse_adapter_value(name: str, value: Any) -> Any:
     if not isinstance(value, str) or name == "mode":
         return value
     text = value.strip().lower()
-    if name == "register_donors":
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        return value
     try:
         return int(text)
     except ValueError:
@@ -184,10 +174,33 @@ def lora_key(lora_request: Any) -> str:
     return f"{name}@{path}"
 
 
+def media_key(request: Any) -> str | None:
+    """Identity of a request's non-text inputs: ``""`` for a text-only prompt; a digest of every multimodal item's
+    modality, content hash (vLLM's ``identifier``) and placeholder offset; ``None`` when the request carries input
+    whose identity is unknown (prompt embeddings, an item without a hash): its KV must not be shared at all."""
+    if getattr(request, "prompt_embeds", None) is not None:
+        return None
+    items = getattr(request, "mm_features", None) or ()
+    if not items:
+        return ""
+    parts = []
+    for item in items:
+        ident = getattr(item, "identifier", None) or getattr(item, "mm_hash", None)
+        if not ident:
+            return None
+        offset = getattr(getattr(item, "mm_position", None), "offset", None)
+        parts.append(f"{getattr(item, 'modality', '')}:{ident}@{offset}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
 def request_namespace(base: CacheNamespace, request: Any) -> CacheNamespace:
-    """``base`` specialised with the request's LoRA adapter and cache salt."""
+    """``base`` specialised with the request's LoRA adapter, cache salt and media identity (:func:`media_key`):
+    prompts with different images never share KV even where their token ids (image placeholders) are equal."""
     lora = lora_key(getattr(request, "lora_request", None))
-    salt = getattr(request, "cache_salt", None) or ""
+    salt = str(getattr(request, "cache_salt", None) or "")
+    media = media_key(request)
+    if media:
+        salt = f"{salt}|media:{media}"
     if not lora and not salt:
         return base
-    return dataclasses.replace(base, lora=lora, cache_salt=str(salt))
+    return dataclasses.replace(base, lora=lora, cache_salt=salt)

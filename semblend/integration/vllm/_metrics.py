@@ -8,7 +8,10 @@ half: a window of observations that serialises to a plain dict, merges with anot
 Dict schema (``ConnectorStats.to_dict``)::
 
     {"outcomes": {"materialized|declined|...:reason": count}, "credited_tokens": int, "loaded_tokens": int,
-     "plan_s": [float], "load_s": [float], "save_s": [float]}
+     "would_credit_tokens": int, "would_credit": [int], "plan_s": [float], "load_s": [float], "save_s": [float]}
+
+``would_credit``: in ``discovery_only`` mode, per planned request, the tokens ``prefix`` mode would have credited
+(before donor residency, which discovery never has): what enabling ``prefix`` could save.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class ConnectorStats:
         self.outcomes: Counter[str] = Counter(data.get("outcomes", {}))
         self.credited_tokens = int(data.get("credited_tokens", 0))
         self.loaded_tokens = int(data.get("loaded_tokens", 0))
+        self.would_credit_tokens = int(data.get("would_credit_tokens", 0))
+        self.would_credit_samples: list[int] = list(data.get("would_credit", ()))
         self.plan_s: list[float] = list(data.get("plan_s", ()))
         self.load_s: list[float] = list(data.get("load_s", ()))
         self.save_s: list[float] = list(data.get("save_s", ()))
@@ -48,6 +53,11 @@ class ConnectorStats:
 
     def loaded(self, tokens: int) -> None:
         self.loaded_tokens += int(tokens)
+
+    def would_credit(self, tokens: int) -> None:
+        self.would_credit_tokens += int(tokens)
+        if len(self.would_credit_samples) < _MAX_SAMPLES:
+            self.would_credit_samples.append(int(tokens))
 
     def _sample(self, values: list[float], seconds: float) -> None:
         if len(values) < _MAX_SAMPLES:
@@ -65,11 +75,12 @@ class ConnectorStats:
     # window
     def is_empty(self) -> bool:
         return not (self.outcomes or self.credited_tokens or self.loaded_tokens or self.plan_s or self.load_s
-                    or self.save_s)
+                    or self.save_s or self.would_credit_samples)
 
     def to_dict(self) -> dict[str, Any]:
         return {"outcomes": dict(self.outcomes), "credited_tokens": self.credited_tokens,
-                "loaded_tokens": self.loaded_tokens, "plan_s": list(self.plan_s), "load_s": list(self.load_s),
+                "loaded_tokens": self.loaded_tokens, "would_credit_tokens": self.would_credit_tokens,
+                "would_credit": list(self.would_credit_samples), "plan_s": list(self.plan_s), "load_s": list(self.load_s),
                 "save_s": list(self.save_s)}
 
     def take(self) -> dict[str, Any] | None:
@@ -85,6 +96,9 @@ class ConnectorStats:
         merged.outcomes.update(other.outcomes)
         merged.credited_tokens += other.credited_tokens
         merged.loaded_tokens += other.loaded_tokens
+        merged.would_credit_tokens += other.would_credit_tokens
+        merged.would_credit_samples.extend(
+            other.would_credit_samples[: max(0, _MAX_SAMPLES - len(merged.would_credit_samples))])
         for mine, theirs in ((merged.plan_s, other.plan_s), (merged.load_s, other.load_s),
                              (merged.save_s, other.save_s)):
             mine.extend(theirs[: max(0, _MAX_SAMPLES - len(mine))])
@@ -99,6 +113,8 @@ class ConnectorStats:
         for outcome, n in sorted(by_outcome.items()):
             out[f"semblend_{outcome}"] = n
         out["semblend_loaded_tokens"] = self.loaded_tokens
+        if self.would_credit_samples:
+            out["semblend_would_credit_tokens"] = self.would_credit_tokens
         if self.plan_s:
             out["semblend_plan_p50_ms"] = round(_percentile(self.plan_s, 0.5) * 1e3, 3)
             out["semblend_plan_p99_ms"] = round(_percentile(self.plan_s, 0.99) * 1e3, 3)

@@ -48,6 +48,7 @@ import numpy as np
 from semblend.integration.vllm._config import (
     MODE_DISCOVERY_ONLY,
     VllmAdapterConfig,
+    media_key,
     request_namespace,
 )
 from semblend.integration.vllm._metadata import KvSignature, LoadSpec, SaveSpec, StepPlan, WorkerReport
@@ -69,6 +70,7 @@ class DeclineReason:
     LOAD_FAILED = "load_failed"
     PREEMPTED = "preempted"
     ABORTED = "aborted"
+    MULTIMODAL_PROMPT = "multimodal_prompt"
 
 
 @dataclass
@@ -79,9 +81,11 @@ class _Decision:
     plan: SemanticKvPlan
     credit: int = 0
     reason: str = ""
-    donor_start: int = 0      # donor token that maps to target token 0 of the prefix span
-    context_exact: bool = True
-    donor_id: str | None = None  # donor of the prefix span (plan.donor_of(plan.spans[0]))
+    # The reusable prefix as (donor_start, target_start, length) pieces covering target [0, n), one per exact
+    # span (each has its own RoPE shift; several only with strict_prefix_boundary=false).
+    segments: tuple[tuple[int, int, int], ...] = ()
+    # Donor of every segment: the first span's (in a multi-donor plan, not always plan.donor_id).
+    donor_id: str | None = None
 
 
 @dataclass
@@ -92,11 +96,16 @@ class _RequestState:
     num_prompt_tokens: int
     decision: _Decision | None = None
     outcome_recorded: bool = False
+    # The outcome so far (outcome, reason, loaded tokens): the last admission decides it; recorded once at the end.
+    pending: tuple[str, str, int] | None = None
+    credited: int = 0          # tokens credited to vLLM at the last admission
+    finished_at_step: int | None = None  # request_finished came while its load result was still due
     tainted_from_block: int | None = None  # hash-block index from which block hashes were re-salted
     block_ids: list[int] = field(default_factory=list)
     capture_issued: bool = False
-    load_in_flight: LoadSpec | None = None
+    load_in_flight: tuple[LoadSpec, ...] | None = None
     plan: SemanticKvPlan | None = None
+    unsupported: str = ""      # a reason never to plan, load or capture this request (e.g. multimodal_prompt)
 
 
 @dataclass
@@ -135,10 +144,17 @@ class SchedulerSide:
         self.stats = ConnectorStats()
         self._block_pool: Any = None
         self._requests: dict[str, _RequestState] = {}
-        self._pending_loads: dict[str, LoadSpec] = {}
+        self._pending_loads: dict[str, tuple[LoadSpec, ...]] = {}
         self._resident: dict[tuple[str, str], _Resident] = {}
         self._awaiting_capture: OrderedDict[tuple[str, str], tuple[Sequence[int], CacheNamespace]] = OrderedDict()
         self._load_votes: dict[str, int] = {}
+        # Finished requests whose load result is still due (vLLM calls request_finished before it hands over the
+        # same step's worker output): their outcome waits for it.
+        self._finishing: dict[str, _RequestState] = {}
+        # Content digest of each captured (or being captured) donor prompt, both ways (capture deduplication).
+        self._by_content: dict[tuple[str, bytes], tuple[str, str]] = {}
+        self._content_of: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self._step = 0
         self._secret = os.urandom(16)
 
     # ------------------------------------------------------------------ binding
@@ -168,17 +184,37 @@ class SchedulerSide:
                 prompt=prompt,
                 num_prompt_tokens=int(request.num_prompt_tokens),
             )
+            if media_key(request) is None:  # prompt embeddings or media without a content hash
+                st.unsupported = DeclineReason.MULTIMODAL_PROMPT
             self._requests[request.request_id] = st
         return st
 
     def _record(self, st: _RequestState, plan: SemanticKvPlan, outcome: str, reason: str | None = None,
                 loaded_tokens: int = 0) -> None:
-        """One outcome per request (rule 2: ``materialized`` only after the workers confirmed the load)."""
+        """Note the request's outcome so far. A later admission of the same request (after a preemption)
+        replaces it; :meth:`_finalize` records the last one, once (rule 2: ``materialized`` only after the workers
+        confirmed the load, with the tokens they loaded)."""
+        if st.outcome_recorded:
+            return
+        st.pending = (outcome, reason or plan.reason, int(loaded_tokens))
+
+    def _finalize(self, st: _RequestState) -> None:
+        """Record the request's one outcome in the pipeline's telemetry and in the connector stats (Prometheus),
+        with the same reason and loaded-token count in both."""
         if st.outcome_recorded:
             return
         st.outcome_recorded = True
-        self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded_tokens, reason=reason)
-        self.stats.outcome(outcome, reason or plan.reason, loaded_tokens)
+        plan = st.decision.plan if st.decision is not None else st.plan
+        if st.pending is None or plan is None:
+            return
+        outcome, reason, loaded = st.pending
+        if outcome == Outcome.MATERIALIZED and loaded <= 0:
+            outcome, reason, loaded = Outcome.DECLINED, "nothing_loaded", 0
+        self.pipeline.record_outcome(plan, outcome, loaded_tokens=loaded, reason=reason)
+        self.stats.outcome(outcome, reason, loaded)
+        if outcome == Outcome.MATERIALIZED:
+            self.stats.loaded(loaded)
+            self.stats.credited(st.credited)
 
     # How the pipeline classifies a miss (it records these itself; the connector mirrors them in its stats).
     _MISS_OUTCOMES: ClassVar[dict[str, str]] = {
@@ -186,8 +222,9 @@ class SchedulerSide:
         Reason.EXACT_PREFIX_SUFFICIENT: Outcome.EXACT, Reason.NO_GAIN_OVER_EXACT_PREFIX: Outcome.EXACT,
     }
 
-    def _count_plan_outcome(self, st: _RequestState, plan: SemanticKvPlan) -> None:
-        """Outcomes the pipeline records itself (misses; discovery-only hits): count them for metrics once."""
+    def _count_plan_outcome(self, st: _RequestState, plan: SemanticKvPlan, reason: str | None = None) -> None:
+        """Outcomes the pipeline records itself (misses; discovery-only hits): count them for metrics once.
+        ``reason`` overrides the plan's (a discovery hit that prefix mode would decline says why)."""
         if st.outcome_recorded:
             return
         st.outcome_recorded = True
@@ -195,11 +232,30 @@ class SchedulerSide:
             outcome = Outcome.DISCOVERY_ONLY
         else:
             outcome = self._MISS_OUTCOMES.get(plan.reason, Outcome.DECLINED)
-        self.stats.outcome(outcome, plan.reason)
+        self.stats.outcome(outcome, reason or plan.reason)
+
+    def _would_credit(self, st: _RequestState, plan: SemanticKvPlan, num_local: int) -> tuple[int, str]:
+        """``(tokens, reason)`` prefix mode would credit for this plan, residency aside (discovery captures no KV):
+        the same prefix, block and RoPE rules as :meth:`_decide`."""
+        if not plan.is_hit:
+            return 0, plan.reason
+        n = min(plan.prefix_reusable_tokens(self.block_size), st.num_prompt_tokens - 1)
+        segments = self._prefix_segments(plan, max(0, n))
+        n = sum(length for _, _, length in segments)
+        if not self.rope_exact:
+            n = min(n, _contiguous_end([seg for seg in segments if seg[0] == seg[1]]))
+        n -= n % self.block_size
+        if n <= 0:
+            reason = DeclineReason.NO_REUSABLE_PREFIX if self.rope_exact or not segments else \
+                Reason.ROPE_NOT_SHIFT_INVARIANT
+            return 0, reason
+        if n <= num_local:
+            return 0, DeclineReason.ENGINE_PREFIX_COVERS
+        return n - num_local, plan.reason
 
     def num_tracked_requests(self) -> int:
         """Requests with state here (0 when the scheduler is idle: nothing leaks)."""
-        return len(self._requests) + len(self._pending_loads) + len(self._load_votes)
+        return len(self._requests) + len(self._pending_loads) + len(self._load_votes) + len(self._finishing)
 
     # ------------------------------------------------------------------ get_num_new_matched_tokens
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -210,16 +266,31 @@ class SchedulerSide:
         """
         try:
             st = self._state(request)
+            if st.unsupported:
+                self._decline_unplanned(st)
+                return 0, False
             if self.discovery_only:
                 if st.plan is None:
                     st.plan = self._plan(st, num_computed_tokens)
-                    self._count_plan_outcome(st, st.plan)  # the pipeline recorded it in its telemetry
+                    would, reason = self._would_credit(st, st.plan, num_computed_tokens)
+                    self.stats.would_credit(would)
+                    # The pipeline recorded the hit in its telemetry; the stats say what prefix would have done.
+                    self._count_plan_outcome(st, st.plan, reason if st.plan.is_hit and not would else None)
                 return 0, False
             return self._decide(st, request, num_computed_tokens).credit, False
         except Exception as exc:  # noqa: BLE001 -- rule 5: never fail inference
             logger.warning("SemBlend: planning for %s failed (%s: %s); normal prefill",
                            getattr(request, "request_id", "?"), type(exc).__name__, exc)
             return 0, False
+
+    def _decline_unplanned(self, st: _RequestState) -> None:
+        """Record (once) that a request was not planned at all, with its reason."""
+        if st.outcome_recorded:
+            return
+        st.outcome_recorded = True
+        plan = SemanticKvPlan(False, st.unsupported, int(st.num_prompt_tokens), st.namespace)
+        self.pipeline.record_outcome(plan, Outcome.DECLINED, reason=st.unsupported)
+        self.stats.outcome(Outcome.DECLINED, st.unsupported)
 
     def _plan(self, st: _RequestState, num_computed_tokens: int) -> SemanticKvPlan:
         t0 = time.perf_counter()
@@ -234,7 +305,9 @@ class SchedulerSide:
                 d.credit, d.reason = 0, DeclineReason.DONOR_KV_EVICTED
                 self._record(st, d.plan, Outcome.DECLINED, d.reason)
             return d
-        plan = self._plan(st, num_local)
+        # One plan per request (the pipeline records a miss each time it plans): a re-admission after a preemption
+        # or a new local hit reuses it; only the credit is recomputed.
+        plan = st.plan if st.plan is not None else self._plan(st, num_local)
         d = _Decision(num_local=num_local, plan=plan)
         st.decision, st.plan = d, plan
         if not plan.is_hit:
@@ -243,24 +316,21 @@ class SchedulerSide:
             return d
         # Only the prompt counts: a resumed request's output tokens are never reused.
         n = min(plan.prefix_reusable_tokens(self.block_size), st.num_prompt_tokens - 1)
-        span = plan.spans[0] if plan.spans else None
-        if span is not None:
-            # One load = one donor entry at one RoPE delta: the first span's (prefix_reusable_tokens already stops
-            # where the donor changes; a later span of the same donor has another delta).
-            n = min(n, span.target_end)
         n -= n % self.block_size
-        # The prefix is read from the first span's donor, which in a multi-donor plan need not be plan.donor_id.
-        donor_id = plan.donor_of(span) if span is not None else plan.donor_id
-        if span is None or n <= 0 or span.target_start != 0:
+        segments = self._prefix_segments(plan, n)
+        n = sum(length for _, _, length in segments)
+        n -= n % self.block_size
+        if n <= 0:
             d.reason = DeclineReason.NO_REUSABLE_PREFIX
         elif n <= num_local:
             d.reason = DeclineReason.ENGINE_PREFIX_COVERS
         else:
-            d.donor_start = span.donor_start
-            d.context_exact = span.context_exact
-            d.donor_id = donor_id
-            resident = self._resident.get((st.namespace.key, donor_id))
-            if span.delta != 0 and not self.rope_exact:
+            d.donor_id = plan.donor_of(plan.spans[0])
+            resident = self._resident.get((st.namespace.key, d.donor_id))
+            if not self.rope_exact:  # only shift-free pieces can be loaded
+                exact = [seg for seg in segments if seg[0] == seg[1]]
+                n = min(n, _contiguous_end(exact))
+            if n <= num_local:
                 d.reason = Reason.ROPE_NOT_SHIFT_INVARIANT
             elif resident is None or resident.votes < self.num_workers:
                 d.reason = DeclineReason.DONOR_KV_EVICTED
@@ -268,21 +338,37 @@ class SchedulerSide:
                 d.reason = DeclineReason.KV_LAYOUT_MISMATCH
             else:
                 # The store may hold fewer tokens than the donor prompt (a capture of a truncated prompt).
-                avail = resident.num_tokens - span.donor_start
-                n = min(n, avail - avail % self.block_size)
+                n = min(n, _resident_end(segments, resident.num_tokens))
+                n -= n % self.block_size
                 if n <= num_local:
                     d.reason = DeclineReason.DONOR_KV_EVICTED
                 else:
+                    d.segments = _clip(segments, n)
                     d.credit = n - num_local
         if not d.credit:
             outcome = Outcome.EXACT if d.reason == DeclineReason.ENGINE_PREFIX_COVERS else Outcome.DECLINED
             self._record(st, plan, outcome, d.reason)
         return d
 
+    def _prefix_segments(self, plan: SemanticKvPlan, n: int) -> list[tuple[int, int, int]]:
+        """The exact spans covering target ``[0, n)`` contiguously from 0, as (donor_start, target_start, length);
+        stops at a gap or at a span of another donor."""
+        out: list[tuple[int, int, int]] = []
+        covered = 0
+        for span in plan.spans:
+            if covered >= n or span.target_start != covered:
+                break
+            if plan.donor_of(span) != plan.donor_of(plan.spans[0]):  # one load reads one donor entry
+                break
+            length = min(span.target_end, n) - span.target_start
+            out.append((span.donor_start, span.target_start, length))
+            covered += length
+        return out
+
     def _donor_loadable(self, d: _Decision) -> bool:
         resident = self._resident.get((d.plan.namespace.key, d.donor_id))
         return (resident is not None and resident.votes >= self.num_workers
-                and resident.num_tokens >= d.donor_start + d.num_local + d.credit)
+                and _resident_end(d.segments, resident.num_tokens) >= d.num_local + d.credit)
 
     # ------------------------------------------------------------------ update_state_after_alloc
     def update_state_after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
@@ -304,20 +390,28 @@ class SchedulerSide:
                            num_external_tokens, st.req_id, d.credit if d else 0)
             start = d.num_local if d is not None else 0
             first, last = start // bs, -(-(start + num_external_tokens) // bs)
-            self._pending_loads[st.req_id] = LoadSpec(st.req_id, st.namespace.key, None, 0, start,
-                                                      num_external_tokens, tuple(st.block_ids[first:last]), bs)
+            self._pending_loads[st.req_id] = (LoadSpec(st.req_id, st.namespace.key, None, 0, start,
+                                                       num_external_tokens, tuple(st.block_ids[first:last]), bs),)
             return
-        start = d.num_local
-        first, last = start // bs, -(-(start + num_external_tokens) // bs)
-        spec = LoadSpec(
-            req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.donor_id,
-            donor_start=d.donor_start + start, target_start=start, num_tokens=num_external_tokens,
-            block_ids=tuple(st.block_ids[first:last]), block_size=bs,
-        )
-        if not d.context_exact:
-            self._taint(request, st, start)
-        self._pending_loads[st.req_id] = spec
-        self.stats.credited(num_external_tokens)
+        start, end = d.num_local, d.num_local + num_external_tokens
+        specs = []
+        for donor_start, target_start, length in d.segments:
+            lo, hi = max(start, target_start), min(end, target_start + length)
+            if lo >= hi:
+                continue
+            specs.append(LoadSpec(
+                req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.donor_id,
+                donor_start=donor_start + (lo - target_start), target_start=lo, num_tokens=hi - lo,
+                block_ids=tuple(st.block_ids[lo // bs: -(-hi // bs)]), block_size=bs,
+            ))
+        # KV is context-exact only where donor and target share everything before it: inside the first piece, when
+        # it starts at token 0 of both. From the first other piece on, blocks must stay out of the exact cache.
+        exact_end = d.segments[0][2] if d.segments[0][:2] == (0, 0) else 0
+        approx = [sp.target_start for sp in specs if sp.target_start >= exact_end]
+        if approx:
+            self._taint(request, st, min(approx))
+        self._pending_loads[st.req_id] = tuple(specs)
+        st.credited = num_external_tokens
 
     def _taint(self, request: Any, st: _RequestState, start_token: int) -> None:
         """Keep this request's blocks from ``start_token`` on out of vLLM's exact prefix cache (module docstring)."""
@@ -345,6 +439,16 @@ class SchedulerSide:
     # ------------------------------------------------------------------ build_connector_meta
     def build_connector_meta(self, scheduler_output: Any) -> StepPlan:
         """Collect this step's loads and donor captures. Called once per step; resets the staged loads."""
+        self._step += 1
+        for req_id, st in list(self._finishing.items()):
+            if st.finished_at_step is not None and st.finished_at_step < self._step - 1:
+                # No worker result came within a step (never expected): nothing is known to be loaded.
+                st.load_in_flight = None
+                self._load_votes.pop(req_id, None)
+                self._record(st, st.decision.plan if st.decision else st.plan, Outcome.DECLINED,
+                             DeclineReason.ABORTED)
+                self._finalize(st)
+                del self._finishing[req_id]
         if self.discovery_only:
             return StepPlan()
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
@@ -374,19 +478,19 @@ class SchedulerSide:
                 done = int(cached.num_computed_tokens[i]) + int(num_sched.get(req_id, 0))
                 self._maybe_capture(st, done, captures)
         loads = []
-        for req_id, spec in self._pending_loads.items():
+        for req_id, specs in self._pending_loads.items():
             st = self._requests.get(req_id)
-            if st is None or req_id in preempted:
+            if st is None or req_id in preempted or not specs:
                 continue
-            st.load_in_flight = spec
+            st.load_in_flight = specs
             self._load_votes[req_id] = 0
-            loads.append(spec)
+            loads.extend(specs)
         self._pending_loads.clear()
         return StepPlan(loads=tuple(loads), saves=tuple(captures))
 
     def _maybe_capture(self, st: _RequestState, tokens_done: int, out: list[SaveSpec]) -> None:
         """Capture the prompt's KV as a donor in the step its last prompt token is computed."""
-        if (st.capture_issued or not self.adapter.register_donors or tokens_done < st.num_prompt_tokens
+        if (st.capture_issued or st.unsupported or tokens_done < st.num_prompt_tokens
                 or st.tainted_from_block is not None  # approximate KV never becomes a donor
                 or st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1)):
             return
@@ -396,9 +500,17 @@ class SchedulerSide:
             return
         st.capture_issued = True
         key = (st.namespace.key, st.req_id)
+        # Identical prompts (same namespace, same tokens) are captured once: the first capture serves them all.
+        content = (st.namespace.key, hashlib.sha256(np.ascontiguousarray(st.prompt[:n]).tobytes()).digest())
+        holder = self._by_content.get(content)
+        if holder is not None and (holder in self._awaiting_capture or holder in self._resident):
+            return
+        self._by_content[content] = key
+        self._content_of[key] = content
         self._awaiting_capture[key] = (st.prompt, st.namespace)
         while len(self._awaiting_capture) > self.MAX_AWAITING_CAPTURE:
-            self._awaiting_capture.popitem(last=False)
+            old, _ = self._awaiting_capture.popitem(last=False)
+            self._forget_content(old)
         out.append(SaveSpec(st.req_id, st.namespace.key, st.req_id, n, tuple(st.block_ids[:nblocks]),
                             self.block_size, tuple(np.asarray(st.prompt[:n]).tolist())))
 
@@ -422,6 +534,7 @@ class SchedulerSide:
                 self._on_saved(saved.namespace_key, saved.donor_id, saved.num_tokens, saved.signature)
             for key in report.save_failed:
                 self._awaiting_capture.pop(key, None)
+                self._forget_content(key)
             for ns_key, donor_id in report.evicted:
                 self._retire(ns_key, donor_id)
             for req_id in report.load_failed:
@@ -434,8 +547,9 @@ class SchedulerSide:
                 self.stats.save_time(s)
         invalid = set(invalid_block_ids or ())
         if invalid:
-            for req_id, st in list(self._requests.items()):
-                if st.load_in_flight is not None and invalid.intersection(st.load_in_flight.block_ids):
+            for req_id, st in [*self._requests.items(), *self._finishing.items()]:
+                if st.load_in_flight is not None and any(invalid.intersection(sp.block_ids)
+                                                         for sp in st.load_in_flight):
                     self._on_load_result(req_id, 0, failed=True)
 
     def _on_saved(self, ns_key: str, donor_id: str, num_tokens: int, signature: KvSignature) -> None:
@@ -448,15 +562,22 @@ class SchedulerSide:
             return
         pending = self._awaiting_capture.pop(key, None)
         if pending is None:
-            return  # captured earlier (another worker's vote) or registered by an external registrar
+            return  # captured earlier (another worker's vote)
         tokens, namespace = pending
         try:
             self.pipeline.register_donor(donor_id, tokens, namespace=namespace)
         except SemBlendError as exc:
             logger.warning("SemBlend: donor %s not registered: %s", donor_id, exc)
             self._resident.pop(key, None)
+            self._forget_content(key)
+
+    def _forget_content(self, key: tuple[str, str]) -> None:
+        content = self._content_of.pop(key, None)
+        if content is not None and self._by_content.get(content) == key:
+            del self._by_content[content]
 
     def _retire(self, ns_key: str, donor_id: str) -> None:
+        self._forget_content((ns_key, donor_id))
         self._resident.pop((ns_key, donor_id), None)
         self._awaiting_capture.pop((ns_key, donor_id), None)
         store = getattr(self.pipeline, "store", None)
@@ -464,26 +585,36 @@ class SchedulerSide:
             store.remove(donor_id, ns_key)  # a donor without KV cannot be materialized
 
     def _on_load_result(self, req_id: str, tokens: int, *, failed: bool) -> None:
-        st = self._requests.get(req_id)
+        st = self._requests.get(req_id) or self._finishing.get(req_id)
         if st is None or st.load_in_flight is None:
             return
-        spec = st.load_in_flight
+        specs = st.load_in_flight
         plan = st.decision.plan if st.decision is not None else st.plan
         if failed:
             st.load_in_flight = None
             self._load_votes.pop(req_id, None)
             if plan is not None:
                 self._record(st, plan, Outcome.DECLINED, DeclineReason.LOAD_FAILED)
+            # A donor whose KV could not be loaded is not offered again (it would be credited and fail again).
+            if specs[0].donor_id is not None:
+                self._retire(specs[0].namespace_key, specs[0].donor_id)
+            self._settle_finishing(req_id)
             return
         votes = self._load_votes.get(req_id, 0) + 1
-        if votes < self.num_workers:
+        if votes < self.num_workers * len(specs):  # every worker reports every piece
             self._load_votes[req_id] = votes
             return
         st.load_in_flight = None
         self._load_votes.pop(req_id, None)
         if plan is not None:
-            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=spec.target_start + tokens)
-        self.stats.loaded(tokens)
+            # The tokens SemBlend loaded (vLLM's own prefix hit before them is not SemBlend's reuse).
+            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=sum(sp.num_tokens for sp in specs))
+        self._settle_finishing(req_id)
+
+    def _settle_finishing(self, req_id: str) -> None:
+        st = self._finishing.pop(req_id, None)
+        if st is not None:
+            self._finalize(st)
 
     # ------------------------------------------------------------------ request_finished
     def request_finished(self, request: Any) -> None:
@@ -491,12 +622,17 @@ class SchedulerSide:
         req_id = request.request_id
         st = self._requests.pop(req_id, None)
         self._pending_loads.pop(req_id, None)
-        self._load_votes.pop(req_id, None)
         if st is None:
+            self._load_votes.pop(req_id, None)
             return
-        if st.load_in_flight is not None and st.decision is not None:
-            self._record(st, st.decision.plan, Outcome.DECLINED, DeclineReason.ABORTED)
-        if (self.discovery_only and self.adapter.register_donors
+        if st.load_in_flight is not None:
+            # The load ran in this step; its result arrives right after this call (update_connector_output).
+            st.finished_at_step = self._step
+            self._finishing[req_id] = st
+        else:
+            self._load_votes.pop(req_id, None)
+            self._finalize(st)
+        if (self.discovery_only and not st.unsupported
                 and int(getattr(request, "num_computed_tokens", 0)) >= st.num_prompt_tokens
                 and st.num_prompt_tokens >= max(self.adapter.min_donor_tokens, 1)):
             try:
@@ -507,3 +643,35 @@ class SchedulerSide:
     # ------------------------------------------------------------------ introspection
     def resident_donors(self) -> int:
         return sum(1 for r in self._resident.values() if r.votes >= self.num_workers)
+
+
+def _contiguous_end(segments: Sequence[tuple[int, int, int]]) -> int:
+    """End of the run of pieces contiguous from target token 0."""
+    covered = 0
+    for _, target_start, length in segments:
+        if target_start != covered:
+            break
+        covered += length
+    return covered
+
+
+def _resident_end(segments: Sequence[tuple[int, int, int]], donor_tokens: int) -> int:
+    """How far from target token 0 the pieces can be loaded from a donor whose store holds ``donor_tokens``."""
+    covered = 0
+    for donor_start, target_start, length in segments:
+        if target_start != covered:
+            break
+        usable = max(0, min(length, donor_tokens - donor_start))
+        covered += usable
+        if usable < length:
+            break
+    return covered
+
+
+def _clip(segments: Sequence[tuple[int, int, int]], n: int) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for donor_start, target_start, length in segments:
+        if target_start >= n:
+            break
+        out.append((donor_start, target_start, min(length, n - target_start)))
+    return tuple(out)

@@ -9,17 +9,14 @@ Lifecycle, in the order vLLM's model runner calls it (one worker process per GPU
     wait_for_save(step_plan)           # each step, after the forward: captures; releases this step's leases
     take_report() / take_load_errors() # what happened, for the scheduler
 
-Cache layout. vLLM 0.26 - 0.33 attention backends keep one tensor per layer with the logical shape
-``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (physical order set by the KV cache layout, NHD or HND).
-Two ways to split it into K and V exist:
-
-* ``"content"`` (FlashAttention, Triton, FlashInfer backends): K = ``[..., :head_size]``, V = ``[..., head_size:]``;
-* ``"token_halves"`` (the CPU backend): the block's ``[block_size, 2 * head_size]`` rows are read as
-  ``[2 * block_size, head_size]``, K = the first ``block_size`` rows, V = the rest.
-
-Older releases' ``[2, num_blocks, block_size, num_kv_heads, head_size]`` tensors are recognised too. Each split
-gives strided ``[num_blocks, num_kv_heads, block_size, head_size]`` views that ``semblend_core.kv_layout`` describes
-(``HF_CONTIGUOUS``: a block axis, heads before tokens), so the fused kernel addresses vLLM's memory in place.
+Cache layout. How K and V sit inside a layer's cache tensor is read from the attention backend by
+``_layout.probe_block_layout`` (the backend's own cache-write op run on a scratch copy), never guessed: the caller
+passes the resulting :class:`~semblend.integration.vllm._layout.BlockLayout` to :meth:`WorkerSide.register_kv_caches`.
+When it is an ordinary strided layout with contiguous channels (the GPU backends), K and V are strided views
+``[num_blocks, num_kv_heads, block_size, head_size]`` that ``semblend_core.kv_layout`` describes and the fused
+kernel addresses in place; otherwise (vLLM's CPU backend keeps K transposed per block) loads and captures index the
+layer's storage with the layout's per-element offsets. Without a layout (the probe failed) the worker loads and
+captures nothing and says why in the log: every request is a normal prefill.
 
 Ordering. A load runs the fused gather -> re-rotate -> scatter kernel (``semblend_core.triton_kernels``; its torch
 reference on CPU) on the current stream before the forward pass is launched, so every attention layer sees the
@@ -47,12 +44,12 @@ from semblend.integration.vllm._metadata import (
     StepPlan,
     WorkerReport,
 )
-from semblend_core.kv_layout import HF_CONTIGUOUS, VLLM_FLASH_NHD, KvCacheView
+from semblend.integration.vllm._layout import BlockLayout, layer_storage
+from semblend_core.kv_layout import HF_CONTIGUOUS, KvCacheView
 from semblend_core.rope_correction import RopeSpec
 
 logger = logging.getLogger(__name__)
 
-KV_SPLITS = ("content", "token_halves")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -64,29 +61,61 @@ def layer_index(name: str) -> int:
     return int(match.group(1))
 
 
-def split_kv(layer: Any, head_size: int, kv_split: str = "content") -> tuple[Any, Any]:
-    """``(k, v)`` views ``[num_blocks, num_kv_heads, block_size, head_size]`` of one vLLM layer cache (no copy).
-
-    ``layer``: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (0.26 - 0.33; any physical order) or
-    ``[2, num_blocks, block_size, num_kv_heads, head_size]`` (older flash-attn layout).
-    """
-    if layer.dim() == 5 and layer.shape[0] == 2:
-        return layer[0].permute(0, 2, 1, 3), layer[1].permute(0, 2, 1, 3)
-    if layer.dim() != 4 or layer.shape[-1] != 2 * head_size:
-        raise ValueError(f"unrecognised vLLM KV cache shape {tuple(layer.shape)} for head_size {head_size}; "
-                         "expected [num_blocks, num_kv_heads, block_size, 2 * head_size]")
-    if kv_split == "content":
-        return layer[..., :head_size], layer[..., head_size:]
-    if kv_split == "token_halves":
-        nb, nh, bs, _ = layer.shape
-        rows = layer.view(nb, nh, 2 * bs, head_size)
-        return rows[:, :, :bs], rows[:, :, bs:]
-    raise ValueError(f"kv_split={kv_split!r}; allowed: {', '.join(KV_SPLITS)}")
-
-
 def copy_spec(head_size: int) -> RopeSpec:
     """A shift-free spec for delta-0 copies (captures, context-exact loads): the kernel never rotates with it."""
     return RopeSpec(head_dim=head_size, rotary_dim=2, inv_freq=np.zeros(1), rope_type="copy")
+
+
+def strided_views(storage: Any, layout: BlockLayout) -> tuple[Any, Any] | None:
+    """``(k, v)`` strided views ``[num_blocks, num_kv_heads, block_size, head_size]`` over one layer's 1-D
+    storage (:func:`~semblend.integration.vllm._layout.layer_storage`) when the layout is an ordinary strided one
+    with contiguous channels (:meth:`BlockLayout.strided`), else None."""
+    import torch
+
+    strided = layout.strided()
+    if strided is None:
+        return None
+    (st, sh, _sc), k_base, v_base = strided
+    nb = storage.numel() // layout.stride_block if layout.stride_block else 0
+    shape = (nb, layout.num_kv_heads, layout.block_size, layout.head_size)
+    strides = (layout.stride_block, sh, st, 1)
+    off = storage.storage_offset()
+    return (torch.as_strided(storage, shape, strides, off + k_base),
+            torch.as_strided(storage, shape, strides, off + v_base))
+
+
+def paged_view(storages: tuple[Any, ...], layout: BlockLayout) -> KvCacheView | None:
+    """The fused kernel's view of every layer, or None when the layout is not strided."""
+    pairs = [strided_views(s, layout) for s in storages]
+    if not pairs or pairs[0] is None:
+        return None
+    return KvCacheView.from_separate(HF_CONTIGUOUS, [p[0] for p in pairs], [p[1] for p in pairs])
+
+
+RESERVE_BYTES = 1 << 30  # left free on the cache's device after the donor store's device tier
+
+
+def free_device_bytes(device: Any) -> int | None:
+    """Bytes free on ``device`` now (CUDA: ``mem_get_info``; CPU: available system memory), None if unknown."""
+    try:
+        if getattr(device, "type", str(device)) == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 -- unknown: keep the configured size
+        return None
+
+
+def device_tier_bytes(configured: int, free: int | None, reserve: int = RESERVE_BYTES) -> int:
+    """The donor store's device tier: at most ``configured``, and never more than what vLLM left free on the
+    device at registration (its KV cache and activations are allocated by then) minus ``reserve``. The store lives
+    outside vLLM's memory budget, so this is how it stays out of vLLM's way."""
+    if free is None:
+        return int(configured)
+    return max(0, min(int(configured), int(free) - int(reserve)))
 
 
 class WorkerSide:
@@ -97,17 +126,17 @@ class WorkerSide:
     scheduler then never sends a load with a non-zero shift). ``head_size``: from vLLM's KV cache spec.
     """
 
-    def __init__(self, store: Any, rope: RopeSpec | None, *, head_size: int, kv_split: str = "content",
-                 device_bytes: int = 0, host_bytes: int = 0) -> None:
-        if kv_split not in KV_SPLITS:
-            raise ValueError(f"kv_split={kv_split!r}; allowed: {', '.join(KV_SPLITS)}")
+    def __init__(self, store: Any, rope: RopeSpec | None, *, head_size: int, device_bytes: int = 0,
+                 host_bytes: int = 0) -> None:
         self.store = store
         self.rope = rope
         self.head_size = int(head_size)
-        self.kv_split = kv_split
         self._capacity = (int(device_bytes), int(host_bytes))
         self._copy_rope = copy_spec(self.head_size)
         self._paged: KvCacheView | None = None
+        self._storages: tuple[Any, ...] = ()
+        self.layout: BlockLayout | None = None
+        self.layout_error = "register_kv_caches was not called"
         self.signature: KvSignature | None = None
         self._leases = contextlib.ExitStack()
         self._errors: set[int] = set()
@@ -115,84 +144,183 @@ class WorkerSide:
         self._known: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ registration
-    def register_kv_caches(self, kv_caches: Mapping[str, Any]) -> None:
-        """Bind vLLM's per-layer cache tensors (name -> tensor), ordered by layer index."""
+    def register_kv_caches(self, kv_caches: Mapping[str, Any], layout: BlockLayout | None,
+                           layout_error: str = "") -> None:
+        """Bind vLLM's per-layer cache tensors (name -> tensor, ordered by layer index) and the backend's layout.
+
+        ``layout``: what ``_layout.probe_block_layout`` read from the backend (every layer is allocated alike), or
+        None with ``layout_error`` saying why it could not be read: then nothing is ever loaded or captured.
+        """
         names = sorted(kv_caches, key=layer_index)
         if not names:
             raise ValueError("register_kv_caches: no layers")
-        first = kv_caches[names[0]]
-        if first.dim() == 5 and first.shape[0] == 2:
-            view = KvCacheView(VLLM_FLASH_NHD, tuple(kv_caches[n] for n in names))
-        else:
-            pairs = [split_kv(kv_caches[n], self.head_size, self.kv_split) for n in names]
-            view = KvCacheView.from_separate(HF_CONTIGUOUS, [p[0] for p in pairs], [p[1] for p in pairs])
-        geom = view.geometry("vllm kv cache")  # checks every layer alike
-        self._paged = view
         self.layer_names = tuple(names)
-        self.signature = KvSignature(str(view.dtype).removeprefix("torch."), geom.num_kv_heads, geom.head_dim)
+        first = kv_caches[names[0]]
+        for n in names[1:]:
+            t = kv_caches[n]
+            if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype:
+                layout, layout_error = None, f"layer {n} is not allocated like {names[0]}"
+                break
+        self.layout = layout
+        self.layout_error = "" if layout is not None else (layout_error or "unknown KV layout")
+        if layout is None:
+            logger.warning("SemBlend: no donor KV will be loaded or captured: %s", self.layout_error)
+            return
+        self._storages = tuple(layer_storage(kv_caches[n]) for n in names)
+        self._paged = paged_view(self._storages, layout)
+        dtype = first.dtype
+        self.signature = KvSignature(str(dtype).removeprefix("torch."), layout.num_kv_heads, layout.head_size)
+        device = first.device
         if self.store is None:
             from semblend_core.kv_tensor_store import KvTensorStore
 
-            self.store = KvTensorStore(device_bytes=self._capacity[0], host_bytes=self._capacity[1],
-                                       device=view.device)
-        logger.info("SemBlend: %d layers registered, %s, split=%s", len(names), self.signature, self.kv_split)
+            free = free_device_bytes(device)
+            device_bytes = device_tier_bytes(self._capacity[0], free)
+            if device_bytes < self._capacity[0]:
+                logger.warning("SemBlend: donor KV device tier capped at %.2f GiB (%.2f GiB configured; %.2f GiB "
+                               "free after vLLM's allocation, %.0f GiB kept free); use donor_kv_host_bytes for more",
+                               device_bytes / 2**30, self._capacity[0] / 2**30, (free or 0) / 2**30,
+                               RESERVE_BYTES / 2**30)
+            self.store = KvTensorStore(device_bytes=device_bytes, host_bytes=self._capacity[1], device=device)
+        self._dtype, self._device = dtype, device
+        logger.info("SemBlend: %d layers registered, %s, layout %s (%s)", len(names), self.signature,
+                    layout.source, "strided: fused kernel" if self._paged is not None else "indexed")
+        self.warm_up()
 
-    @property
-    def paged(self) -> KvCacheView:
-        if self._paged is None:
-            raise RuntimeError("register_kv_caches was not called")
-        return self._paged
-
-    # ------------------------------------------------------------------ loads
-    def start_load(self, plan: StepPlan | None) -> None:
-        """Write every load of this step into the paged cache. Never raises: failures go to the error path."""
-        if not plan:
-            return
-        for spec in plan.loads:
-            t0 = time.perf_counter()
-            try:
-                self._load(spec)
-            except Exception as exc:  # noqa: BLE001 -- any failure must reach vLLM's recompute path
-                logger.warning("SemBlend: load for %s failed (%s: %s); vLLM will recompute %d tokens",
-                               spec.req_id, type(exc).__name__, exc, spec.num_tokens)
-                self._fail(spec)
-                continue
-            self._report = self._report.merge(WorkerReport(loaded=((spec.req_id, spec.num_tokens),),
-                                                           load_s=(time.perf_counter() - t0,), workers=0))
-
-    def _fail(self, spec: LoadSpec) -> None:
-        self._errors.update(spec.block_ids)
-        self._report = self._report.merge(WorkerReport(load_failed=(spec.req_id,), workers=0))
-
-    def _load(self, spec: LoadSpec) -> None:
+    def warm_up(self) -> None:
+        """Run the fused kernel's load (shifted and shift-free) and capture paths once on scratch tensors with the
+        cache's dtype, device and strides, so the first hit after start-up does not pay its JIT compilation
+        (Triton on CUDA: 0.3-0.7 s inside a request). Indexed layouts use plain torch ops: nothing to warm.
+        Never raises."""
         import torch
 
         from semblend_core.triton_kernels import rerotate_scatter
 
+        layout = self.layout
+        strided = layout.strided() if layout is not None else None
+        if layout is None or strided is None:
+            return
+        try:
+            (st, sh, _), k_base, v_base = strided
+            n = min(layout.block_size, 4)
+            span = layout.stride_block + max(int(layout.k_offsets.max()) - k_base,
+                                             int(layout.v_offsets.max()) - v_base) + 1
+            shape = (2, layout.num_kv_heads, layout.block_size, layout.head_size)
+            strides = (layout.stride_block, sh, st, 1)
+            k, v = (torch.as_strided(torch.zeros(span, dtype=self._dtype, device=self._device), shape, strides)
+                    for _ in range(2))
+            paged = KvCacheView.from_separate(HF_CONTIGUOUS, [k], [v])
+            donor = KvCacheView.from_donor_store(torch.zeros((1, 2, n, layout.num_kv_heads, layout.head_size),
+                                                             dtype=self._dtype, device=self._device))
+            slots = torch.arange(n, dtype=torch.int64, device=self._device)
+            if self.rope is not None:
+                rerotate_scatter(donor, paged, slots, slots, 1, self.rope)
+            rerotate_scatter(donor, paged, slots, slots, 0, self._copy_rope)
+            rerotate_scatter(paged, donor, slots, slots, 0, self._copy_rope, validate_indices=False)
+        except Exception as exc:  # noqa: BLE001 -- warm-up is an optimisation
+            logger.warning("SemBlend: kernel warm-up failed (%s: %s)", type(exc).__name__, exc)
+
+    def _move(self, donor: Any, paged: KvCacheView | None, storages: tuple[Any, ...], slots: list[int],
+              src_start: int, num_tokens: int, delta: int, rope: RopeSpec | None, *, load: bool) -> None:
+        """Copy ``num_tokens`` donor tokens from ``src_start`` to cache ``slots`` (``load``) or cache ``slots`` to
+        donor tokens from ``src_start`` (capture), re-rotating keys by ``delta`` on loads.
+
+        ``donor``: ``[num_layers, 2, num_donor_tokens, num_kv_heads, head_size]``; ``paged``: the kernel's view of
+        the cache (strided layouts) or None; ``storages``: the layers' 1-D storages (``_layout.layer_storage``).
+        """
+        import torch
+
+        from semblend_core.rope_correction import rerotate_keys
+        from semblend_core.triton_kernels import rerotate_scatter
+
+        layout = self.layout
+        assert layout is not None
+        device = storages[0].device
+        cache_slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        donor_slots = torch.arange(src_start, src_start + num_tokens, dtype=torch.int64, device=device)
+        if paged is not None:
+            donor_view = KvCacheView.from_donor_store(donor)
+            if load:
+                rerotate_scatter(donor_view, paged, donor_slots, cache_slots, int(delta),
+                                 rope if rope is not None else self._copy_rope)
+            else:
+                rerotate_scatter(paged, donor_view, cache_slots, donor_slots, 0, self._copy_rope,
+                                 validate_indices=False)
+            return
+        k_idx = layout.element_index(cache_slots, "k")
+        v_idx = layout.element_index(cache_slots, "v")
+        for i, storage in enumerate(storages):
+            if load:
+                k = donor[i, 0, src_start: src_start + num_tokens]
+                if delta:
+                    assert rope is not None
+                    k = rerotate_keys(k, int(delta), rope)
+                storage[k_idx] = k.to(storage.dtype)
+                storage[v_idx] = donor[i, 1, src_start: src_start + num_tokens].to(storage.dtype)
+            else:
+                donor[i, 0, src_start: src_start + num_tokens] = storage[k_idx]
+                donor[i, 1, src_start: src_start + num_tokens] = storage[v_idx]
+
+    @property
+    def ready(self) -> bool:
+        return self.layout is not None and bool(self._storages)
+
+    # ------------------------------------------------------------------ loads
+    def start_load(self, plan: StepPlan | None) -> None:
+        """Write every load of this step into the paged cache. Never raises: failures go to the error path.
+
+        A request's loads (one per exact span, each with its own RoPE shift) succeed or fail together: when one
+        fails, every block of every piece is reported, so vLLM recomputes the request's whole loaded range."""
+        if not plan:
+            return
+        by_request: dict[str, list[LoadSpec]] = {}
+        for spec in plan.loads:
+            by_request.setdefault(spec.req_id, []).append(spec)
+        for req_id, specs in by_request.items():
+            done = []
+            for spec in specs:
+                t0 = time.perf_counter()
+                try:
+                    self._load(spec)
+                except Exception as exc:  # noqa: BLE001 -- any failure must reach vLLM's recompute path
+                    logger.warning("SemBlend: load for %s failed (%s: %s); vLLM will recompute %d tokens",
+                                   req_id, type(exc).__name__, exc, sum(sp.num_tokens for sp in specs))
+                    self._fail(specs)
+                    done = []
+                    break
+                done.append(WorkerReport(loaded=((req_id, spec.num_tokens),),
+                                         load_s=(time.perf_counter() - t0,), workers=0))
+            for report in done:
+                self._report = self._report.merge(report)
+
+    def _fail(self, specs: list[LoadSpec]) -> None:
+        for spec in specs:
+            self._errors.update(spec.block_ids)
+        self._report = self._report.merge(WorkerReport(load_failed=(specs[0].req_id,), workers=0))
+
+    def _load(self, spec: LoadSpec) -> None:
         if spec.donor_id is None:
             raise LookupError("the scheduler marked this load as impossible")
+        if not self.ready:
+            raise RuntimeError(f"KV layout unknown: {self.layout_error}")
         if spec.delta != 0 and self.rope is None:
             raise ValueError("RoPE re-rotation is not exact for this model")
-        paged = self.paged
         donor = self._leases.enter_context(self.store.lease(spec.namespace_key, spec.donor_id))
         if donor.num_tokens < spec.donor_start + spec.num_tokens:
             raise ValueError(f"donor holds {donor.num_tokens} tokens, load needs "
                              f"[{spec.donor_start}, {spec.donor_start + spec.num_tokens})")
-        if donor.num_layers != paged.num_layers:
-            raise ValueError(f"donor has {donor.num_layers} layers, cache has {paged.num_layers}")
+        if donor.num_layers != len(self._storages):
+            raise ValueError(f"donor has {donor.num_layers} layers, cache has {len(self._storages)}")
         kv = donor.kv
-        device = paged.device
         src_start = spec.donor_start
-        if kv.device != device:  # served from the host tier: copy just the needed tokens
-            kv = kv[:, :, spec.donor_start: spec.donor_start + spec.num_tokens].to(device, non_blocking=True)
+        if kv.device != self._device:  # served from the host tier: copy just the needed tokens
+            kv = kv[:, :, spec.donor_start: spec.donor_start + spec.num_tokens].to(self._device, non_blocking=True)
             src_start = 0
         else:
             donor.wait()
-        src = KvCacheView.from_donor_store(kv)
-        src_slots = torch.arange(src_start, src_start + spec.num_tokens, dtype=torch.int64, device=device)
-        dst_slots = torch.tensor(spec.slots(), dtype=torch.int64, device=device)
         rope = self.rope if spec.delta != 0 else self._copy_rope
-        rerotate_scatter(src, paged, src_slots, dst_slots, int(spec.delta), rope)
+        self._move(kv, self._paged, self._storages, spec.slots(), src_start, spec.num_tokens, int(spec.delta),
+                   rope, load=True)
 
     def take_load_errors(self) -> set[int]:
         """Block ids whose load failed since the last call (vLLM recomputes them)."""
@@ -215,19 +343,16 @@ class WorkerSide:
     def _capture(self, spec: SaveSpec) -> None:
         import torch
 
-        from semblend_core.triton_kernels import rerotate_scatter
-
         t0 = time.perf_counter()
         key = (spec.namespace_key, spec.donor_id)
         try:
-            paged = self.paged
-            geom = paged.geometry("vllm kv cache")
-            kv = torch.empty((paged.num_layers, 2, spec.num_tokens, geom.num_kv_heads, geom.head_dim),
-                             dtype=paged.dtype, device=paged.device)
-            src_slots = torch.tensor(spec.slots(), dtype=torch.int64, device=paged.device)
-            dst_slots = torch.arange(spec.num_tokens, dtype=torch.int64, device=paged.device)
-            rerotate_scatter(paged, KvCacheView.from_donor_store(kv), src_slots, dst_slots, 0, self._copy_rope,
-                             validate_indices=False)
+            if not self.ready:
+                raise RuntimeError(f"KV layout unknown: {self.layout_error}")
+            layout = self.layout
+            assert layout is not None
+            kv = torch.empty((len(self._storages), 2, spec.num_tokens, layout.num_kv_heads, layout.head_size),
+                             dtype=self._dtype, device=self._device)
+            self._move(kv, self._paged, self._storages, spec.slots(), 0, spec.num_tokens, 0, None, load=False)
             token_ids = spec.token_ids if spec.token_ids else np.zeros(spec.num_tokens, dtype=np.int64)
             self.store.put(spec.namespace_key, spec.donor_id, kv, token_ids)
         except Exception as exc:  # noqa: BLE001 -- a failed capture is a future miss, never an error
@@ -242,6 +367,8 @@ class WorkerSide:
                                                        workers=0))
 
     def _report_evictions(self) -> None:
+        if self.store is None:
+            return
         resident = set(self.store.keys())
         gone = tuple(sorted(self._known - resident))
         if gone:

@@ -112,6 +112,13 @@ class SemBlendPromMetrics(KVConnectorPromMetrics):
         self._loaded = self._counter_cls(
             name="vllm:semblend_loaded_tokens", documentation="Prompt tokens whose KV SemBlend loaded.",
             labelnames=labelnames)
+        self._would = self._counter_cls(
+            name="vllm:semblend_would_credit_tokens",
+            documentation="discovery_only: prompt tokens prefix mode would have credited.", labelnames=labelnames)
+        self._would_per_request = self._histogram_cls(
+            name="vllm:semblend_would_credit_tokens_per_request",
+            documentation="discovery_only: tokens prefix mode would have credited, per planned request.",
+            labelnames=labelnames, buckets=[0, 16, 64, 256, 1024, 4096, 16384, 65536])
         buckets = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25]
         self._plan = self._histogram_cls(
             name="vllm:semblend_plan_seconds", documentation="SemBlend planning time per request.",
@@ -128,6 +135,10 @@ class SemBlendPromMetrics(KVConnectorPromMetrics):
             self._outcomes.labels(*labels, outcome, reason).inc(n)
         if window.loaded_tokens:
             self._loaded.labels(*labels).inc(window.loaded_tokens)
+        if window.would_credit_tokens:
+            self._would.labels(*labels).inc(window.would_credit_tokens)
+        for n in window.would_credit_samples:
+            self._would_per_request.labels(*labels).observe(n)
         for s in window.plan_s:
             self._plan.labels(*labels).observe(s)
         for s in window.load_s:
@@ -162,14 +173,40 @@ def _rope_of(hf_config: Any) -> tuple[Any, bool, str]:
     return spec, True, ""
 
 
-def _kv_split() -> str:
-    """Which K/V split the running attention backend uses (``_worker`` docstring)."""
-    try:
-        from vllm.platforms import current_platform
+def read_kv_layout(vllm_config: Any, kv_cache_config: Any, kv_caches: dict[str, Any]) -> Any:
+    """The attention backend's K/V layout (``_layout.BlockLayout``), read by running the backend's own cache-write
+    op (``impl.do_kv_cache_update``) of the first attention layer on a scratch copy. Raises ``LayoutProbeError``
+    (or whatever the backend raised) when it cannot be read."""
+    from semblend.integration.vllm._layout import LayoutProbeError, block_axis_of, probe_block_layout
+    from semblend.integration.vllm._worker import layer_index
 
-        return "token_halves" if current_platform.is_cpu() else "content"
-    except Exception:  # noqa: BLE001 -- platform detection failed: the GPU backends' convention
-        return "content"
+    names = sorted(kv_caches, key=layer_index)
+    context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    layer = context.get(names[0])
+    impl = getattr(layer, "impl", None)
+    if impl is None or not hasattr(impl, "do_kv_cache_update"):
+        raise LayoutProbeError(f"attention layer {names[0]} exposes no backend cache-write op to read the layout")
+    kinds = {type(getattr(context.get(n), "impl", None)).__name__ for n in names}
+    if len(kinds) != 1:
+        raise LayoutProbeError(f"layers use different attention backends: {sorted(kinds)}")
+    spec = _single_attention_group(kv_cache_config)
+    if spec is None:
+        raise LayoutProbeError("the KV cache is not one full-attention group")
+    cache = kv_caches[names[0]]
+    num_blocks = int(kv_cache_config.num_blocks)
+    axis = block_axis_of(cache, num_blocks)
+    per_block = cache.shape[axis] // num_blocks  # kernel blocks per manager block
+    block_size = int(vllm_config.cache_config.block_size)
+    if block_size % per_block:
+        raise LayoutProbeError(f"{cache.shape[axis]} kernel blocks do not divide {num_blocks} blocks of "
+                               f"{block_size} tokens")
+
+    def write(key: Any, value: Any, scratch: Any, slot_mapping: Any) -> None:
+        impl.do_kv_cache_update(layer, key, value, scratch, slot_mapping)
+
+    return probe_block_layout(cache, write, num_kv_heads=int(spec.num_kv_heads), head_size=int(spec.head_size),
+                              kernel_block_size=block_size // per_block, block_axis=axis,
+                              source=f"probe:{type(impl).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- connector
@@ -210,8 +247,9 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
                               "a donor load that fails must fall back to prefill, not fail the request")
         if kv_cache_config is not None and spec is None:
             raise ConfigError("SemBlend mode 'prefix' supports models whose KV cache is one full-attention group; "
-                              "this model has sliding-window, hybrid or several KV cache groups. "
-                              "Use mode 'discovery_only'.")
+                              "this model has sliding-window, hybrid or several KV cache groups. No SemBlend mode "
+                              "suits it: any KV connector turns off vLLM's hybrid KV cache manager; run it without "
+                              "the connector (docs/vllm.md)")
         if getattr(vllm_config.model_config, "is_encoder_decoder", False):
             raise ConfigError("SemBlend mode 'prefix' does not support encoder-decoder models")
 
@@ -241,7 +279,7 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         from semblend.integration.vllm._worker import WorkerSide
 
         head_size = int(spec.head_size) if spec is not None else int(vllm_config.model_config.get_head_size())
-        return WorkerSide(None, self.rope if self.rope_exact else None, head_size=head_size, kv_split=_kv_split(),
+        return WorkerSide(None, self.rope if self.rope_exact else None, head_size=head_size,
                           device_bytes=self.adapter.donor_kv_gpu_bytes, host_bytes=self.adapter.donor_kv_host_bytes)
 
     @property
@@ -294,7 +332,15 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
 
     # ============================================================== worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.worker_side.register_kv_caches(kv_caches)
+        layout, error = None, ""
+        if self.adapter.materializes:
+            try:
+                layout = read_kv_layout(self._vllm_config, self._kv_cache_config, kv_caches)
+            except Exception as exc:  # noqa: BLE001 -- an unreadable layout means no loads, never a crash
+                error = f"{type(exc).__name__}: {exc}"
+        else:
+            error = "discovery_only mode loads nothing"
+        self.worker_side.register_kv_caches(kv_caches, layout, error)
 
     def _plan(self) -> StepPlan | None:
         meta = self._connector_metadata

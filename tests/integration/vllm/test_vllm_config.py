@@ -111,3 +111,10 @@ def test_every_mode_has_an_example():
 
     stems = [p.stem for p in EXAMPLES.glob("*.json")]
     assert all(any(s.startswith(mode) for s in stems) for mode in MODES)
+
+
+def test_register_donors_is_no_longer_accepted():
+    """register_donors=false relied on an external registrar that does not exist: the key is gone and fails loudly."""
+    assert "register_donors" not in ADAPTER_KEYS
+    with pytest.raises(ConfigError, match="register_donors"):
+        parse_extra_config({"mode": "prefix", "register_donors": False})

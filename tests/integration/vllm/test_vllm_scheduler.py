@@ -325,3 +325,118 @@ def test_prefix_mode_with_prefix_caching_off(model_dir):
     eng.run_until_done()
     assert eng.connector.semblend_stats()["outcomes"]["materialized"] == 1
     assert_no_leaks(eng)
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+def _windows(results):
+    from semblend.integration.vllm._metrics import ConnectorStats
+
+    merged = ConnectorStats()
+    for r in results:
+        for o in r.engine_outputs.values():
+            if o.scheduler_stats is not None and o.scheduler_stats.kv_connector_stats:
+                merged = merged.merge(ConnectorStats(o.scheduler_stats.kv_connector_stats))
+    return merged
+
+
+def _assert_one_outcome_each(eng, results, num_requests):
+    """Telemetry and the Prometheus-bound stats agree: one outcome per request, the same loaded tokens."""
+    stats = eng.connector.semblend_stats()
+    window = _windows(results)
+    assert sum(stats["outcomes"].values()) == num_requests
+    assert sum(window.outcomes.values()) == num_requests
+    by_outcome = {}
+    for key, n in window.outcomes.items():
+        by_outcome[key.split(":")[0]] = by_outcome.get(key.split(":")[0], 0) + n
+    assert {k: v for k, v in stats["outcomes"].items() if v} == by_outcome
+    assert stats["loaded_tokens"] == window.loaded_tokens
+    return stats, window
+
+
+def test_a_hit_that_finishes_in_its_load_step_counts_as_materialized(model_dir):
+    """max_tokens=1: vLLM finishes the request in the step that loaded its KV, before it hands over the workers'
+    report of that step; the outcome must wait for the report (it used to be recorded as aborted)."""
+    eng = prefix_engine(model_dir)
+    eng.add(H.make_request(A + D, req_id="donor"))
+    results = eng.run_until_done()
+    eng.add(H.make_request(D + Q, req_id="target", max_tokens=1))
+    results += eng.run_until_done()
+    stats, window = _assert_one_outcome_each(eng, results, 2)
+    assert stats["outcomes"]["materialized"] == 1 and stats["reasons"].get("aborted", 0) == 0
+    assert stats["loaded_tokens"] == window.loaded_tokens == 192 and window.credited_tokens == 192
+    assert_no_leaks(eng)
+
+
+def test_a_preempted_hit_records_one_outcome(model_dir):
+    eng = prefix_engine(model_dir, num_blocks=40)
+    eng.add(H.make_request(A + D, req_id="donor"))
+    results = eng.run_until_done()
+    eng.add(H.make_request(H.tokens(7, 240), req_id="other", max_tokens=120))
+    eng.add(H.make_request(D + Q, req_id="target", max_tokens=120))
+    results += eng.run_until_done(max_steps=600)
+    assert "target" in set().union(*(r.output.preempted_req_ids or set() for r in results))
+    stats, window = _assert_one_outcome_each(eng, results, 3)
+    # The last admission decides: the resumed target loaded its prefix again.
+    assert stats["outcomes"]["materialized"] == 1 and window.loaded_tokens == 192
+    assert_no_leaks(eng)
+
+
+def test_a_failed_load_retires_the_donor(model_dir):
+    eng = with_donor(prefix_engine(model_dir))
+    side = eng.connector.scheduler_side
+    eng.add(H.make_request(D + Q, req_id="target"))
+    r = eng.step(fail_loads=True)
+    assert r.loads and r.load_errors
+    eng.run_until_done()
+    assert "donor" not in {key[1] for key in side._resident}
+    # The next matching request is not credited against the donor that failed (before: credited, failed again).
+    nxt = H.make_request(D + H.tokens(11, 64), req_id="next")
+    assert eng.connector.get_num_new_matched_tokens(nxt, 0) == (0, False)
+    assert side._requests["next"].plan.donor_id != "donor"
+    eng.connector.request_finished(nxt, [])
+    assert_no_leaks(eng)
+
+
+def test_non_strict_prefix_loads_each_span_with_its_own_shift(model_dir):
+    """strict_prefix_boundary=false lets the prefix run across a seam: two exact spans with different RoPE shifts.
+    Before, one range was loaded with the first span's shift, so target tokens past the seam received the KV of
+    other donor tokens (rel err 1.40 on the H200)."""
+    X, D1, Y, D2 = H.tokens(21, 64), H.tokens(22, 96), H.tokens(23, 32), H.tokens(24, 96)
+    cfg = H.make_vllm_config(model_dir, mode="prefix",
+                             extra={"min_donor_tokens": 32, "strict_prefix_boundary": False})
+    eng = with_donor(H.Engine(cfg), X + D1 + Y + D2)
+    target = D1 + D2 + Q
+    eng.add(H.make_request(target, req_id="target"))
+    r = eng.step()
+    new = r.output.scheduled_new_reqs[0]
+    assert new.num_computed_tokens == 192
+    assert [(ld.donor_start, ld.target_start, ld.num_tokens, ld.delta) for ld in r.loads] == [
+        (64, 0, 96, -64), (192, 96, 96, -96)]
+    blocks = new.block_ids[0]
+    for layer in range(H.NUM_LAYERS):
+        k, v = eng.model.read(layer, range(192), blocks)
+        cold_k, cold_v = eng.model.expected(layer, D1 + D2, range(192))
+        torch.testing.assert_close(k, cold_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, cold_v, rtol=0, atol=0)
+    eng.run_until_done()
+    stats = eng.connector.semblend_stats()
+    assert stats["outcomes"]["materialized"] == 1 and stats["loaded_tokens"] == 192
+    assert local_hit(eng, target) == 0  # moved KV never becomes an exact prefix-cache hit
+    assert_no_leaks(eng)
+
+
+def test_identical_prompts_are_captured_once(model_dir):
+    """3 sends of one prompt made 3 donor copies; the KV store now holds one, and it keeps serving hits."""
+    eng = prefix_engine(model_dir)
+    results = []
+    for i in range(3):
+        eng.add(H.make_request(A + D, req_id=f"same-{i}"))
+        results += eng.run_until_done()
+    saves = [s for r in results for s in r.saves]
+    assert len(saves) == 1
+    assert len(eng.worker.worker_side.store) == 1 and eng.connector.scheduler_side.resident_donors() == 1
+    eng.add(H.make_request(D + Q, req_id="target"))
+    r = eng.step()
+    assert r.loads and r.loads[0].donor_id == "same-0"
+    eng.run_until_done()
+    assert_no_leaks(eng)

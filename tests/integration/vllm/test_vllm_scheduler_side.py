@@ -77,21 +77,25 @@ def test_one_failed_worker_fails_the_load_and_nothing_is_materialized():
                                                   scheduled_new_reqs=[], scheduled_cached_reqs=None))
     assert [ld.req_id for ld in plan.loads] == ["t"]
     s.update_connector_output(WorkerReport(loaded=(("t", 192),), load_failed=("t",)))  # one ok, one failed
+    s.request_finished(req)  # the outcome is recorded once, when the request ends
     stats = s.pipeline.stats()
     assert stats["outcomes"]["materialized"] == 0 and stats["reasons"].get(DeclineReason.LOAD_FAILED) == 1
-    s.request_finished(req)
     assert s.num_tracked_requests() == 0
 
 
 def test_mismatched_signature_and_inexact_rope_decline_before_credit():
     s = side(rope_exact=True)
     capture(s, "donor", A + D, votes=1, signature=KvSignature("float16", 4, 128))
-    assert s.get_num_new_matched_tokens(request("t", D + Q), 0) == (0, False)
+    t = request("t", D + Q)
+    assert s.get_num_new_matched_tokens(t, 0) == (0, False)
+    s.request_finished(t)
     assert s.pipeline.stats()["reasons"].get(DeclineReason.KV_LAYOUT_MISMATCH) == 1
 
     s = side(rope_exact=False)
     capture(s, "donor", A + D, votes=1)
-    assert s.get_num_new_matched_tokens(request("t", D + Q), 0) == (0, False)  # needs a shift of -64
+    t = request("t", D + Q)
+    assert s.get_num_new_matched_tokens(t, 0) == (0, False)  # needs a shift of -64
+    s.request_finished(t)
     assert s.pipeline.stats()["reasons"].get("rope_not_shift_invariant") == 1
 
 
@@ -119,3 +123,73 @@ def test_discovery_registers_only_fully_computed_prompts():
     s.request_finished(done)
     s.request_finished(cut)
     assert len(s.pipeline.store) == 1 and s.num_tracked_requests() == 0
+
+
+def _image(ident, offset=70, length=16):
+    return SimpleNamespace(modality="image", identifier=ident, mm_position=SimpleNamespace(offset=offset,
+                                                                                          length=length))
+
+
+def test_multimodal_prompts_share_kv_only_with_the_same_media():
+    """Image placeholder tokens are equal for every image: the media hashes must be part of the namespace (before,
+    two prompts with different images and equal token ids were credited against each other at delta 0)."""
+    s = side()
+    donor = request("donor", A + D)
+    donor.mm_features = [_image("img-A")]
+    s.get_num_new_matched_tokens(donor, 0)
+    s.update_state_after_alloc(donor, list(range(100, 116)), 0)
+    out = SimpleNamespace(preempted_req_ids=set(), num_scheduled_tokens={"donor": 256},
+                          scheduled_new_reqs=[SimpleNamespace(req_id="donor", block_ids=(list(range(100, 116)),),
+                                                              num_computed_tokens=0)],
+                          scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[],
+                                                                resumed_req_ids=set()))
+    (save,) = s.build_connector_meta(out).saves
+    s.update_connector_output(WorkerReport(saved=(SavedDonor(save.namespace_key, "donor", 256, SIG, 0),)))
+    s.request_finished(donor)
+    other_image, same_image = request("b", A + D[:128] + Q), request("a", A + D[:128] + Q)
+    other_image.mm_features, same_image.mm_features = [_image("img-B")], [_image("img-A")]
+    assert s.get_num_new_matched_tokens(other_image, 0) == (0, False)
+    assert s.get_num_new_matched_tokens(same_image, 0) == (192, False)
+    for r in (other_image, same_image):
+        s.request_finished(r)
+    assert s.num_tracked_requests() == 0
+
+
+def test_prompt_embeds_and_unhashed_media_are_declined_and_never_captured():
+    s = side()
+    capture(s, "donor", A + D, votes=1)
+    embeds, unhashed = request("e", D + Q), request("u", D + Q)
+    embeds.prompt_embeds = object()
+    unhashed.mm_features = [_image("")]
+    for r in (embeds, unhashed):
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # idempotent: one outcome
+        s.update_state_after_alloc(r, list(range(20)), 0)
+    out = SimpleNamespace(preempted_req_ids=set(), num_scheduled_tokens={"e": 256, "u": 256},
+                          scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(list(range(20)),),
+                                                              num_computed_tokens=0) for r in ("e", "u")],
+                          scheduled_cached_reqs=None)
+    assert s.build_connector_meta(out).saves == ()
+    for r in (embeds, unhashed):
+        s.request_finished(r)
+    assert s.pipeline.stats()["reasons"].get(DeclineReason.MULTIMODAL_PROMPT) == 2
+    assert s.num_tracked_requests() == 0
+
+
+def test_discovery_reports_what_prefix_mode_would_credit_per_request():
+    """discovery_only counted every hit; prefix mode declines some (no prefix at token 0, RoPE). The stats now carry
+    the would-be-credited tokens per request, and a hit prefix would decline carries prefix's reason."""
+    s = side(mode="discovery_only")
+    donor = request("donor", A + D)
+    s.get_num_new_matched_tokens(donor, 0)
+    donor.num_computed_tokens = 256
+    s.request_finished(donor)
+    doc_first, doc_moved_inside = request("t1", D + Q), request("t2", Q + D)
+    for r in (doc_first, doc_moved_inside):
+        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+        s.request_finished(r)
+    window = s.stats.take()
+    assert window["would_credit"] == [0, 192, 0]  # donor (miss), D at token 0, D at token 64 (no prefix)
+    assert window["would_credit_tokens"] == 192
+    reasons = {k for k in window["outcomes"] if k.startswith("discovery_only:")}
+    assert "discovery_only:no_reusable_prefix" in reasons

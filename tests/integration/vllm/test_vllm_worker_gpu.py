@@ -2,7 +2,8 @@
 
 Needs no vLLM (the worker side is engine-free): the cache tensors are built with the logical shape vLLM's attention
 backends use, ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, in both physical orders (NHD = LBNHC,
-HND = LBHNC), and split as FlashAttention reads them. The expected values come from the torch reference on CPU.
+HND = LBHNC); the layout is probed from a content-halves writer (how FlashAttention stores K and V), so the worker
+takes the fused-kernel path. The expected values come from the torch reference on CPU.
 """
 
 from __future__ import annotations
@@ -15,13 +16,24 @@ pytest.importorskip("triton")
 import numpy as np
 
 from semblend.integration.vllm._metadata import LoadSpec, SaveSpec, StepPlan
-from semblend.integration.vllm._worker import WorkerSide, split_kv
+from semblend.integration.vllm._layout import probe_block_layout
+from semblend.integration.vllm._worker import WorkerSide
 from semblend_core.rope_correction import RopeSpec, rerotate_keys
 
 pytestmark = pytest.mark.gpu
 
 BS, NB, H, D, L = 16, 64, 8, 128, 4
 NS = "ns"
+
+
+def split_kv(t, d, _kind="content"):
+    return t[..., :d], t[..., d:]
+
+
+def content_write(key, value, cache, slots):
+    k, v = split_kv(cache, D)
+    k[slots // BS, :, slots % BS] = key
+    v[slots // BS, :, slots % BS] = value
 
 
 def rope() -> RopeSpec:
@@ -47,8 +59,12 @@ def test_gpu_load_and_capture_roundtrip(order, dtype):
     kv_caches = caches(order, dtype)
     before = {n: t.clone() for n, t in kv_caches.items()}
     store = KvTensorStore(device_bytes=1 << 30)
-    worker = WorkerSide(store, rope(), head_size=D, kv_split="content")
-    worker.register_kv_caches(kv_caches)
+    worker = WorkerSide(store, rope(), head_size=D)
+    layout = probe_block_layout(next(iter(kv_caches.values())), content_write, num_kv_heads=H, head_size=D,
+                                kernel_block_size=BS, block_axis=0, source="probe:content")
+    assert layout.strided() is not None
+    worker.register_kv_caches(kv_caches, layout)
+    assert worker._paged is not None  # the fused kernel path
     n, delta = 1000, -300
     donor = torch.randn(L, 2, 1400, H, D, device="cuda", dtype=dtype)
     store.put(NS, "donor", donor, list(range(1400)))

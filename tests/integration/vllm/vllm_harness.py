@@ -162,20 +162,85 @@ def _paged_kv_caches_legacy(group: Any, block_size: int, num_blocks: int, layout
     return out
 
 
+# ------------------------------------------------------------------------------------------- stand-in backends
+class StandInBackend:
+    """How an attention backend writes and reads K/V inside a layer cache ``[num_blocks, num_kv_heads, block_size,
+    2 * head_size]`` (logical shape; physical order from the layout). A stand-in because vLLM's real cache-write
+    ops are compiled per platform (the CUDA build here has no CPU ops); the e2e suite runs the real CPU backend.
+
+    * ``content``: K = ``[..., :head_size]``, V = ``[..., head_size:]`` (vLLM's GPU backends);
+    * ``cpu_vec``: vLLM's CPU backend (its ``vec`` ISA): the block's rows are read as ``[2 * block_size,
+      head_size]``; the first half holds K *transposed* (``[head_size, block_size]``), the second V token-first.
+    """
+
+    KINDS = ("content", "cpu_vec")
+
+    def __init__(self, kind: str) -> None:
+        assert kind in self.KINDS, kind
+        self.kind = kind
+
+    def _kv(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, v)`` as ``[num_blocks, num_kv_heads, block_size, head_size]`` views addressing the true elements."""
+        nb, nh, bs, two_d = cache.shape
+        d = two_d // 2
+        if self.kind == "content":
+            return cache[..., :d], cache[..., d:]
+        rows = cache.view(nb, nh, 2 * bs, d)
+        k_region, v = rows[:, :, :bs], rows[:, :, bs:]
+        # k_region's memory for one (block, head) is bs * d contiguous elements holding K^T [d, bs].
+        k = torch.as_strided(k_region, (nb, nh, bs, d),
+                             (k_region.stride(0), k_region.stride(1), 1, bs), k_region.storage_offset())
+        return k, v
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+        k, v = self._kv(cache)
+        bs = cache.shape[2]
+        blk, off = slots // bs, slots % bs
+        k[blk, :, off] = key.to(k.dtype)
+        v[blk, :, off] = value.to(v.dtype)
+
+    def read(self, cache: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._kv(cache)
+        bs = cache.shape[2]
+        s = torch.as_tensor(list(slots), dtype=torch.long)
+        return k[s // bs, :, s % bs].clone(), v[s // bs, :, s % bs].clone()
+
+    def attach(self, vllm_config: Any, layer_names: Sequence[str]) -> None:
+        """Register stand-in attention layers where vLLM keeps its real ones (the connector reads the layout via
+        ``static_forward_context[name].impl.do_kv_cache_update``)."""
+        from types import SimpleNamespace
+
+        backend = self
+
+        class Impl:
+            def do_kv_cache_update(self, layer: Any, key: Any, value: Any, kv_cache: Any, slot_mapping: Any) -> None:
+                backend.write(key, value, kv_cache, slot_mapping)
+
+        impl = Impl()
+        ctx = vllm_config.compilation_config.static_forward_context
+        for name in layer_names:
+            ctx[name] = SimpleNamespace(impl=impl)
+
+
+BACKENDS = [("LBHNC", "cpu_vec"), ("LBNHC", "content"), ("LBHNC", "content")]
+
+
 # ------------------------------------------------------------------------------------------- stand-in model
 def rope_spec() -> Any:
     return rope_spec_from_config(TINY_QWEN2)
 
 
 class FakeModel:
-    """Writes K = R(pos) e_k(token) and V = e_v(token) for every scheduled token (see module docstring)."""
+    """Writes K = R(pos) e_k(token) and V = e_v(token) for every scheduled token (see module docstring), through
+    the stand-in backend's own write op, as a forward pass would."""
 
-    def __init__(self, kv_views: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, seed: int = 0) -> None:
+    def __init__(self, caches: list[torch.Tensor], backend: StandInBackend, block_size: int, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         vocab = TINY_QWEN2["vocab_size"]
         self.emb_k = torch.randn(NUM_LAYERS, vocab, NUM_KV_HEADS, HEAD_SIZE, generator=g)
         self.emb_v = torch.randn(NUM_LAYERS, vocab, NUM_KV_HEADS, HEAD_SIZE, generator=g)
-        self.views = kv_views
+        self.caches = caches
+        self.backend = backend
         self.block_size = block_size
         self.rope = rope_spec()
 
@@ -184,22 +249,20 @@ class FakeModel:
         pos = torch.tensor(list(positions), dtype=torch.long)
         return apply_rope(self.emb_k[layer, ids], pos, self.rope), self.emb_v[layer, ids]
 
+    def _slots(self, positions: Sequence[int], block_ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([block_ids[p // self.block_size] * self.block_size + p % self.block_size
+                             for p in positions], dtype=torch.long)
+
     def write(self, tokens: Sequence[int], positions: Sequence[int], block_ids: Sequence[int]) -> None:
         if not tokens:
             return
-        pos = torch.tensor(list(positions), dtype=torch.long)
-        blk = torch.tensor([block_ids[p // self.block_size] for p in positions], dtype=torch.long)
-        off = pos % self.block_size
-        for layer, (k, v) in enumerate(self.views):
+        slots = self._slots(positions, block_ids)
+        for layer, cache in enumerate(self.caches):
             ek, ev = self.expected(layer, tokens, positions)
-            k[blk, :, off] = ek
-            v[blk, :, off] = ev
+            self.backend.write(ek, ev, cache, slots)
 
     def read(self, layer: int, positions: Sequence[int], block_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        blk = torch.tensor([block_ids[p // self.block_size] for p in positions], dtype=torch.long)
-        off = torch.tensor([p % self.block_size for p in positions], dtype=torch.long)
-        k, v = self.views[layer]
-        return k[blk, :, off].clone(), v[blk, :, off].clone()
+        return self.backend.read(self.caches[layer], self._slots(positions, block_ids).tolist())
 
 
 @dataclass
@@ -214,7 +277,7 @@ class StepResult:
 class Engine:
     """Real scheduler + real worker-side connector + stand-in model, stepped like vLLM's engine core."""
 
-    def __init__(self, vllm_config: Any, num_blocks: int = 256, layout: str = "LBHNC", kv_split: str | None = None,
+    def __init__(self, vllm_config: Any, num_blocks: int = 256, layout: str = "LBHNC", backend: str = "cpu_vec",
                  worker: bool = True) -> None:
         self.vllm_config = vllm_config
         self.block_size = vllm_config.cache_config.block_size
@@ -227,17 +290,14 @@ class Engine:
             from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
             from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-            from semblend.integration.vllm._worker import split_kv
-
             self.worker = KVConnectorFactory.create_connector(
                 vllm_config, KVConnectorRole.WORKER, kv_cache_config(self.block_size, num_blocks))
-            if kv_split is not None:
-                self.worker.worker_side.kv_split = kv_split
             caches = paged_kv_caches(self.block_size, num_blocks, layout)
-            self.worker.register_kv_caches(caches)
-            split = self.worker.worker_side.kv_split
             names = sorted(caches, key=lambda n: int(n.split(".")[2]))
-            self.model = FakeModel([split_kv(caches[n], HEAD_SIZE, split) for n in names], self.block_size)
+            self.backend = StandInBackend(backend)
+            self.backend.attach(vllm_config, names)
+            self.worker.register_kv_caches(caches)
+            self.model = FakeModel([caches[n] for n in names], self.backend, self.block_size)
 
     @property
     def connector(self) -> Any:
