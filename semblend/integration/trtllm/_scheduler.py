@@ -74,6 +74,7 @@ class _Decision:
     credit: int = 0
     reason: str = ""
     donor_start: int = 0
+    donor_id: str | None = None  # the first span's donor (in a multi-donor plan, not always plan.donor_id)
 
 
 @dataclass
@@ -192,6 +193,11 @@ class SchedulerSide:
         n = min(plan.prefix_reusable_tokens(bs), st.num_prompt_tokens - 1)
         n -= n % bs
         span = plan.spans[0] if plan.spans else None
+        if span is not None:
+            # One load reads one donor entry at the first span's (zero) shift: never run into a later span, whose
+            # KV has another shift or donor (possible with strict_prefix_boundary=false).
+            n = min(n, span.target_end)
+            n -= n % bs
         if span is None or n <= 0 or span.target_start != 0:
             d.reason = DeclineReason.NO_REUSABLE_PREFIX
         elif num_local % bs:
@@ -205,7 +211,8 @@ class SchedulerSide:
         elif self.shared.unusable_reason is not None:
             d.reason = DeclineReason.WORKER_UNAVAILABLE
         else:
-            donor = self.shared.pin(st.req_id, st.namespace.key, plan.donor_id)
+            d.donor_id = plan.donor_of(span)
+            donor = self.shared.pin(st.req_id, st.namespace.key, d.donor_id)
             avail = 0 if donor is None else donor.num_tokens - span.donor_start
             n = min(n, avail - avail % bs)
             if donor is None or n <= num_local:
@@ -268,14 +275,14 @@ class SchedulerSide:
         first, last = start // bs, -(-(start + n) // bs)
         if len(st.block_ids) < last:
             return None
-        return LoadSpec(req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.plan.donor_id,
+        return LoadSpec(req_id=st.req_id, namespace_key=st.namespace.key, donor_id=d.donor_id,
                         donor_start=d.donor_start + start, target_start=start, num_tokens=n,
                         block_ids=tuple(st.block_ids[first:last]), block_size=bs)
 
     def _maybe_capture(self, st: _RequestState, tokens_done: int, out: list[SaveSpec]) -> None:
         """Capture the prompt's KV as a donor in the step its last prompt token is computed."""
         n = st.num_prompt_tokens
-        if (st.capture_issued or not self.adapter.register_donors or tokens_done < n
+        if (st.capture_issued or tokens_done < n
                 or n < max(self.adapter.min_donor_tokens, 1)):
             return
         nblocks = -(-n // self.tokens_per_block)
@@ -332,7 +339,7 @@ class SchedulerSide:
         return False
 
     def _register_donor(self, st: _RequestState, request: Any) -> None:
-        if not self.adapter.register_donors or st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1):
+        if st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1):
             return
         if self.discovery_only:
             if int(getattr(request, "context_current_position", st.num_prompt_tokens)) < st.num_prompt_tokens:
