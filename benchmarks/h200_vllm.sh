@@ -13,6 +13,10 @@
 #   1. carry .gpu-vllm/c1:                   mkdir -p /tmp/stage && cp .gpu-vllm/c1/* /tmp/stage/
 #   2. carry .gpu-vllm/c2 .carry/vllmgpu:    bash .carry/vllmgpu/benchmarks/h200_vllm.sh ttft
 #   3. carry .carry/vllmgpu_b:               bash /tmp/vg/benchmarks/h200_vllm.sh quality
+# (`quality` runs vllm_quality.py all: cold, then one connector engine per layout. The committed
+# vllm_quality_h200.json came from three such cycles on 2026-12-01: cold at 10:30 UTC, doc_moved at 10:35 with
+# QUALITY_COLD=<the 10:30 cold file>, doc_first at 10:45 with `vllm_quality.py engine --role hit --layouts doc_first`;
+# cold was rerun at 10:37 on another machine and matched token for token.)
 set -uo pipefail
 STAGE=${1:?ttft or quality}
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1

@@ -27,6 +27,10 @@ Prompts are built here on the CPU (``prompts``: the ``aclsum`` package and SmolL
 
     python benchmarks/vllm_quality.py prompts --out prompts.json --papers 40
     python benchmarks/vllm_quality.py all --prompts prompts.json --model-dir MODEL --out $OUT
+
+``reference`` (CPU, transformers float32, no SemBlend or vLLM code) computes what a *correct* ``doc_moved`` load
+gives, and the same with the first block's KV kept exact (the target's own): it tells a connector bug from the
+approximation itself.
 """
 
 from __future__ import annotations
@@ -213,34 +217,43 @@ def cpu_reference(prompts: dict[str, Any], cold: dict[str, Any], papers: int) ->
         span, reuse = plan["first_span"], plan["prefix_reusable_tokens"]
         cont = ref[p["id"]]["greedy"]
         full = torch.tensor([p["target"] + cont])
-        cold_logits = model(full).logits[0]
+        cold_out = model(full, use_cache=True)
+        cold_logits, cold_kv = cold_out.logits[0], cold_out.past_key_values
         donor = torch.tensor([p["donors"]["doc_moved"]])
         kv = model(donor, use_cache=True).past_key_values
-        cache = DynamicCache()
         d0 = span["donor_start"]
         delta = torch.tensor([[span["delta"]]])
-        for layer in range(model.config.num_hidden_layers):
-            k, v = kv.layers[layer].keys, kv.layers[layer].values  # [1, kv_heads, seq, head_dim]
-            k, v = k[:, :, d0: d0 + reuse], v[:, :, d0: d0 + reuse]
-            cos, sin = model.model.rotary_emb(v, delta)  # rotation by delta positions
-            cos, sin = cos[:, None], sin[:, None]
-            half = k.shape[-1] // 2
-            rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-            cache.update(k * cos + rot * sin, v, layer)
-        rest = full[:, reuse:]
-        pos = torch.arange(reuse, full.shape[1])[None]
-        hit_logits = model(rest, past_key_values=cache, position_ids=pos).logits[0]
         t = len(p["target"])
         # logits at index i predict token i + 1: continuation token j (>= t) is predicted at j - 1
         cold_top1 = cold_logits[t - 1: full.shape[1] - 1].argmax(-1)
-        hit_top1 = hit_logits[t - 1 - reuse: full.shape[1] - 1 - reuse].argmax(-1)
-        rows.append({"id": p["id"], "reused_tokens": reuse, "delta": span["delta"],
-                     "tf_top1_agree": float((cold_top1 == hit_top1).float().mean())})
-        print(rows[-1], flush=True)
+        row: dict[str, Any] = {"id": p["id"], "reused_tokens": reuse, "delta": span["delta"]}
+        # head = 0: every reused token from the donor (what prefix mode does); head = 16: the first block's KV is
+        # the target's own (cold) KV, the rest from the donor (is the loss the moved attention-sink token?)
+        for name, head in (("tf_top1_agree", 0), ("tf_top1_agree_first_block_exact", 16)):
+            cache = DynamicCache()
+            for layer in range(model.config.num_hidden_layers):
+                k, v = kv.layers[layer].keys, kv.layers[layer].values  # [1, kv_heads, seq, head_dim]
+                k, v = k[:, :, d0: d0 + reuse], v[:, :, d0: d0 + reuse]
+                cos, sin = model.model.rotary_emb(v, delta)  # rotation by delta positions
+                cos, sin = cos[:, None], sin[:, None]
+                half = k.shape[-1] // 2
+                k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+                if head:
+                    k = torch.cat((cold_kv.layers[layer].keys[:, :, :head], k[:, :, head:]), dim=2)
+                    v = torch.cat((cold_kv.layers[layer].values[:, :, :head], v[:, :, head:]), dim=2)
+                cache.update(k, v, layer)
+            pos = torch.arange(reuse, full.shape[1])[None]
+            hit_logits = model(full[:, reuse:], past_key_values=cache, position_ids=pos).logits[0]
+            hit_top1 = hit_logits[t - 1 - reuse: full.shape[1] - 1 - reuse].argmax(-1)
+            row[name] = float((cold_top1 == hit_top1).float().mean())
+        rows.append(row)
+        print(row, flush=True)
     return {"benchmark": "vllm_quality_cpu_reference", "model": "SmolLM2-135M-Instruct (real weights), float32",
             "engine": "transformers (CPU), KV moved and RoPE-rotated by hand, no SemBlend code",
             "layout": "doc_moved", "papers": len(rows), "continuation": "vLLM cold greedy tokens",
-            "teacher_forced_top1_agreement": _mean([r["tf_top1_agree"] for r in rows]), "rows": rows}
+            "teacher_forced_top1_agreement": _mean([r["tf_top1_agree"] for r in rows]),
+            "teacher_forced_top1_agreement_first_block_exact": _mean([r["tf_top1_agree_first_block_exact"]
+                                                                      for r in rows]), "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------- summary
