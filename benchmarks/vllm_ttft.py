@@ -1,0 +1,472 @@
+"""TTFT in real vLLM with ``SemBlendConnectorV1`` (mode ``prefix``): cold vs hit vs miss vs donor capture.
+
+Model: the Qwen2.5-7B-Instruct *configuration* (written here from its public config values) with
+``load_format="dummy"``: RANDOM weights. Every FLOP and byte is the real model's, so the timings hold; the outputs
+mean nothing (quality is ``benchmarks/vllm_quality.py``'s job). bf16, vLLM's prefix caching OFF (so a repeated
+prompt is never an exact hit and every hit below is the connector's), prompts as token ids, ``max_tokens=1``:
+the wall time of ``LLM.generate`` is the time to first token.
+
+Prompt layouts per target length ``L`` (random token ids; a fresh question / instruction for every repeat, so no
+target is ever a copy of an earlier prompt):
+
+* ``doc_first``: donor = doc + question A; target = doc + question B (the document is a context-exact prefix);
+* ``doc_moved``: donor = preamble (48) + doc + question A; target = doc + question B (the donor had a preamble:
+  the document's KV moves by -48 positions, RoPE re-rotated on load);
+* ``instruction_first``: donor = instruction A (48) + doc + question A; target = instruction B (64) + doc +
+  question B. Prefix mode can only skip a prefix that starts at token 0, so it reuses nothing here: the row is
+  the honest cost of planning a hit that cannot be loaded.
+
+Series per length: ``cold`` (a separate engine without the connector), ``miss`` (connector on, fresh random prompt,
+donor capture switched off: planning only), ``miss_capture`` (connector on, fresh random prompt captured as a
+donor: what every donor's prefill pays), and each layout's ``hit``. Overheads are wall-clock ratios to ``cold``.
+``first_hit``: the first shifted (``doc_moved``) hit after start-up, at 8K, against the steady state of the same
+series (fresh Triton cache per engine, so a JIT compile inside a request would show).
+
+One engine per process (``worker``); ``all`` runs the four (eager / compiled x without / with the connector) as
+subprocesses and merges their JSON. ``plot`` draws the merged JSON. Run on the H200 (see
+``/work/shared/gpu-vllm/README.md`` for the offline vLLM 0.26.0 bundle)::
+
+    python benchmarks/vllm_ttft.py all --out $OUT
+    python benchmarks/vllm_ttft.py plot benchmarks/results/vllm_ttft_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Qwen2.5-7B-Instruct's public config.json values (no weights: load_format="dummy").
+QWEN25_7B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 3584,
+    "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 131072, "use_sliding_window": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 152064, "bos_token_id": 151643, "eos_token_id": 151645, "attention_dropout": 0.0,
+    "initializer_range": 0.02, "use_cache": True,
+}
+# A tiny Qwen2 for a CPU dry run of this script (--tiny).
+TINY_CONFIG = dict(QWEN25_7B_CONFIG, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=4096, max_window_layers=2,
+                   max_position_embeddings=4096)
+
+PREAMBLE = 48          # donor preamble of doc_moved / donor instruction of instruction_first
+INSTRUCTION_B = 64     # target instruction of instruction_first
+QUESTION = 16
+LENGTHS_32K = (1024, 2048, 4096, 8192, 16384, 32704)  # 32704 + 48 + 16 fits max_model_len 32768
+OVERHEAD_AT = 8192
+LAYOUTS = ("doc_first", "doc_moved", "instruction_first")
+PREFIX_LAYOUTS = ("doc_first", "doc_moved")
+TARGETS = {"hit_speedup_8k": 8.0, "hit_speedup_32k": 25.0, "miss_overhead_8k": 0.01, "capture_overhead_8k": 0.02}
+
+
+def write_model_dir(root: Path, tiny: bool) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(TINY_CONFIG if tiny else QWEN25_7B_CONFIG, indent=1))
+    return root
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median_ms": statistics.median(values) * 1e3, "min_ms": min(values) * 1e3,
+            "max_ms": max(values) * 1e3, "n": len(values), "all_ms": [round(v * 1e3, 3) for v in values]}
+
+
+# ---------------------------------------------------------------------------------------------- one engine
+class Bench:
+    """One vLLM engine in this process; ``connector`` adds SemBlendConnectorV1 in mode ``prefix``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from vllm import LLM
+
+        self.args = args
+        self.vocab = (TINY_CONFIG if args.tiny else QWEN25_7B_CONFIG)["vocab_size"]
+        self.rng = np.random.default_rng(args.seed)
+        kwargs: dict[str, Any] = dict(
+            model=str(args.model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+            enable_prefix_caching=False, max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_model_len, max_num_seqs=8, enforce_eager=args.engine == "eager",
+            seed=0, distributed_executor_backend="uni",
+        )
+        if args.kv_cache_gib:
+            kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * (1 << 30))
+        if args.engine == "compiled":
+            kwargs["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
+        if args.connector:
+            kwargs["kv_transfer_config"] = {
+                "kv_connector": "SemBlendConnectorV1",
+                "kv_connector_module_path": "semblend.integration.vllm.connector_v1",
+                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                "kv_connector_extra_config": {
+                    "mode": "prefix", "donor_kv_gpu_bytes": int(args.donor_gib * (1 << 30)),
+                    "min_donor_tokens": 256, "max_prompt_tokens": 1 << 17,
+                },
+            }
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.startup_s = time.perf_counter() - t0
+        self.connector = self._scheduler_connector() if args.connector else None
+
+    def _scheduler_connector(self) -> Any:
+        core = self.llm.llm_engine.engine_core.engine_core  # in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        return core.scheduler.get_kv_connector()
+
+    def ids(self, n: int) -> list[int]:
+        return self.rng.integers(10, self.vocab - 10, n).tolist()
+
+    def ttft(self, prompt: list[int]) -> tuple[float, int]:
+        """Wall time of one ``generate(max_tokens=1)`` and vLLM's ``num_cached_tokens`` (tokens not computed)."""
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+        t0 = time.perf_counter()
+        out = self.llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        return dt, int(out[0].num_cached_tokens or 0)
+
+    def series(self, make_prompt: Any, repeats: int, warmup: int = 1) -> dict[str, Any]:
+        times, cached = [], []
+        for i in range(warmup + repeats):
+            dt, c = self.ttft(make_prompt(i))
+            if i >= warmup:
+                times.append(dt)
+                cached.append(c)
+        return dict(summary(times), cached_tokens=cached)
+
+    # captures on / off (benchmark-only switch: the adapter's minimum donor length)
+    def captures(self, on: bool) -> None:
+        side = self.connector.scheduler_side
+        side.adapter = dataclasses.replace(side.adapter, min_donor_tokens=256 if on else 1 << 30)
+
+    def take_stats(self) -> dict[str, Any]:
+        if self.connector is None:
+            return {}
+        out: dict[str, Any] = {}
+        try:
+            out["pipeline"] = self.connector.semblend_stats()
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            out["pipeline_error"] = repr(exc)
+        try:
+            window = self.connector.scheduler_side.stats.take()
+            out["window"] = window
+        except Exception as exc:  # noqa: BLE001
+            out["window_error"] = repr(exc)
+        return _jsonable(out)
+
+    # layouts: (donor, target for repeat i)
+    def layout(self, name: str, length: int) -> tuple[list[int], Any]:
+        doc = self.ids(length - QUESTION) if name != "instruction_first" else self.ids(length - INSTRUCTION_B
+                                                                                        - QUESTION)
+        if name == "doc_first":
+            return doc + self.ids(QUESTION), lambda i: doc + self.ids(QUESTION)
+        if name == "doc_moved":
+            return self.ids(PREAMBLE) + doc + self.ids(QUESTION), lambda i: doc + self.ids(QUESTION)
+        if name == "instruction_first":
+            return (self.ids(PREAMBLE) + doc + self.ids(QUESTION),
+                    lambda i: self.ids(INSTRUCTION_B) + doc + self.ids(QUESTION))
+        raise ValueError(name)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: repr(o)))
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import vllm
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    bench = Bench(args)
+    result: dict[str, Any] = {
+        "engine": args.engine, "connector": "prefix" if args.connector else "none", "startup_s": bench.startup_s,
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "rows": [],
+    }
+    out = Path(args.out)
+
+    def dump() -> None:
+        out.write_text(json.dumps(_jsonable(result), indent=1))
+
+    t_start = time.perf_counter()
+    # vLLM warm-up: unrelated prompts (with the connector: misses, captured as donors).
+    result["warmup_ms"] = [round(bench.ttft(bench.ids(n))[0] * 1e3, 3) for n in (1024, 1024, min(8192, lengths[-1]))]
+    if args.connector:
+        # The first shifted hit after start-up: no shifted load has run in this process before this one.
+        n = OVERHEAD_AT if OVERHEAD_AT in lengths else lengths[len(lengths) // 2]
+        donor, target = bench.layout("doc_moved", n)
+        bench.ttft(donor)
+        first_dt, first_cached = bench.ttft(target(0))
+        steady = bench.series(target, args.repeats, warmup=0)
+        result["first_hit"] = {"prompt_tokens": n, "layout": "doc_moved", "first_ms": first_dt * 1e3,
+                               "first_cached_tokens": first_cached, "steady": steady,
+                               "ratio_first_to_steady": first_dt * 1e3 / steady["median_ms"]}
+        result["first_hit_stats"] = bench.take_stats()
+        dump()
+    for length in lengths:
+        if time.perf_counter() - t_start > args.budget_s:
+            result["truncated"] = f"stopped before {length}: over --budget-s {args.budget_s}"
+            break
+        reps = max(args.repeats, args.overhead_repeats) if length == OVERHEAD_AT else args.repeats
+        row: dict[str, Any] = {"prompt_tokens": length}
+        if not args.connector:
+            row["cold"] = bench.series(lambda i: bench.ids(length), reps)
+        else:
+            bench.captures(False)
+            row["miss"] = bench.series(lambda i: bench.ids(length), reps)
+            row["miss_stats"] = bench.take_stats()
+            bench.captures(True)
+            row["miss_capture"] = bench.series(lambda i: bench.ids(length), reps)
+            row["miss_capture_stats"] = bench.take_stats()
+            row["layouts"] = {}
+            for name in LAYOUTS:
+                donor, target = bench.layout(name, length)
+                donor_dt, _ = bench.ttft(donor)
+                hit = bench.series(target, args.repeats)
+                hit["donor_prefill_ms"] = donor_dt * 1e3
+                hit["target_tokens"] = len(target(0))
+                hit["stats"] = bench.take_stats()
+                row["layouts"][name] = hit
+        result["rows"].append(row)
+        dump()
+    result["wall_s"] = time.perf_counter() - t_start
+    dump()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _commit_info() -> dict[str, str]:
+    info_file = Path(__file__).resolve().parents[1] / "COMMIT.json"  # written when the code is copied to a device
+    if info_file.is_file():
+        return json.loads(info_file.read_text())
+    try:
+        root = Path(__file__).resolve().parents[1]
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        return {"head": head}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The four engines' results -> one JSON with ratios and targets."""
+    merged: dict[str, Any] = {
+        "benchmark": "vllm_ttft",
+        "model": "Qwen2.5-7B-Instruct config, load_format=dummy: RANDOM weights (speed only)",
+        "dtype": "bfloat16", "prefix_caching": False, "max_tokens": 1,
+        "layouts": {"doc_first": "donor doc+qA, target doc+qB", "doc_moved": f"donor preamble({PREAMBLE})+doc+qA, "
+                    "target doc+qB", "instruction_first": f"donor ins({PREAMBLE})+doc+qA, target "
+                    f"ins({INSTRUCTION_B})+doc+qB (prefix mode reuses nothing)"},
+        "connector_code": _commit_info(), "targets": TARGETS, "engines": {},
+    }
+    for p in parts:
+        merged.setdefault("vllm", p.get("vllm"))
+        merged.setdefault("torch", p.get("torch"))
+        merged.setdefault("device", p.get("device"))
+        eng = merged["engines"].setdefault(p["engine"], {"startup_s": {}, "rows": {}})
+        eng["startup_s"][p["connector"]] = p.get("startup_s")
+        if p.get("truncated"):
+            eng.setdefault("truncated", {})[p["connector"]] = p["truncated"]
+        if "first_hit" in p:
+            eng["first_hit"] = p["first_hit"]
+        for r in p["rows"]:
+            row = eng["rows"].setdefault(str(r["prompt_tokens"]), {"prompt_tokens": r["prompt_tokens"]})
+            row.update({k: v for k, v in r.items() if k != "prompt_tokens"})
+    for eng in merged["engines"].values():
+        rows = []
+        for row in sorted(eng["rows"].values(), key=lambda r: r["prompt_tokens"]):
+            cold = row.get("cold", {}).get("median_ms")
+            if cold and "miss" in row:
+                row["miss_overhead"] = row["miss"]["median_ms"] / cold - 1
+                row["miss_overhead_min"] = row["miss"]["min_ms"] / row["cold"]["min_ms"] - 1
+                row["capture_overhead"] = row["miss_capture"]["median_ms"] / cold - 1
+                row["capture_overhead_min"] = row["miss_capture"]["min_ms"] / row["cold"]["min_ms"] - 1
+                row["capture_over_miss"] = row["miss_capture"]["median_ms"] / row["miss"]["median_ms"] - 1
+            for name, hit in row.get("layouts", {}).items():
+                if cold:
+                    hit["speedup"] = cold / hit["median_ms"]
+                hit["reused_tokens_median"] = statistics.median(hit["cached_tokens"]) if hit["cached_tokens"] else 0
+            rows.append(row)
+        eng["rows"] = rows
+        eng["verdict"] = verdict(rows, eng.get("first_hit"))
+    return merged
+
+
+def verdict(rows: list[dict[str, Any]], first_hit: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    by_len = {r["prompt_tokens"]: r for r in rows}
+    for key, n, need in (("hit_speedup_8k", 8192, TARGETS["hit_speedup_8k"]),
+                         ("hit_speedup_32k", max(by_len) if by_len else 0, TARGETS["hit_speedup_32k"])):
+        row = by_len.get(n, {})
+        for name in PREFIX_LAYOUTS:
+            s = row.get("layouts", {}).get(name, {}).get("speedup")
+            if s is not None:
+                out[f"{key}_{name}"] = {"value": round(s, 2), "target": need, "met": s >= need}
+    row = by_len.get(OVERHEAD_AT, {})
+    for key, field, need in (("miss_overhead_8k", "miss_overhead", TARGETS["miss_overhead_8k"]),
+                             ("capture_overhead_8k", "capture_overhead", TARGETS["capture_overhead_8k"])):
+        if field in row:
+            out[key] = {"value": round(row[field], 4), "target": need, "met": row[field] <= need}
+    if first_hit:
+        ratio = first_hit["ratio_first_to_steady"]
+        # "No spike": the first shifted hit within 1.5x of the steady state (and within 20 ms of it).
+        spike = first_hit["first_ms"] - first_hit["steady"]["median_ms"]
+        out["first_hit_spike"] = {"ratio": round(ratio, 2), "extra_ms": round(spike, 2),
+                                  "target": "first hit <= 1.5x steady or <= +20 ms",
+                                  "met": ratio <= 1.5 or spike <= 20.0}
+    return out
+
+
+def run_all(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="qwen25-7b-dummy-")), args.tiny)
+    parts = []
+    t0 = time.perf_counter()
+    for engine in args.engines.split(","):
+        for connector in (False, True):
+            tag = f"{engine}_{'prefix' if connector else 'none'}"
+            part = out / f"part_{tag}.json"
+            left = args.total_budget_s - (time.perf_counter() - t0)
+            if left < 60:
+                print(f"skip {tag}: {left:.0f} s left", flush=True)
+                continue
+            env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                       TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"triton-{tag}-"))
+            cmd = [sys.executable, __file__, "worker", "--engine", engine, "--model-dir", str(model_dir),
+                   "--lengths", args.lengths, "--repeats", str(args.repeats),
+                   "--overhead-repeats", str(args.overhead_repeats), "--out", str(part),
+                   "--max-model-len", str(args.max_model_len), "--donor-gib", str(args.donor_gib),
+                   "--kv-cache-gib", str(args.kv_cache_gib), "--budget-s", str(max(30.0, left - 90))]
+            if connector:
+                cmd.append("--connector")
+            if args.tiny:
+                cmd.append("--tiny")
+            print("run", tag, flush=True)
+            ts = time.perf_counter()
+            with open(out / f"log_{tag}.txt", "w") as log:
+                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=max(30.0, left - 10)).returncode
+            print(f"done {tag} rc={rc} in {time.perf_counter() - ts:.0f} s", flush=True)
+            if part.is_file():
+                parts.append(json.loads(part.read_text()))
+    merged = merge(parts)
+    (out / args.name).write_text(json.dumps(merged, indent=1))
+    print_table(merged)
+    return 0
+
+
+def print_table(merged: dict[str, Any]) -> None:
+    for engine, eng in merged["engines"].items():
+        print(f"== {engine}  startup {eng['startup_s']}")
+        for r in eng["rows"]:
+            cold = r.get("cold", {}).get("median_ms")
+            cells = [f"L={r['prompt_tokens']:>6}", f"cold={cold or float('nan'):8.1f}"]
+            if "miss" in r:
+                cells.append(f"miss={r['miss']['median_ms']:8.1f} cap={r['miss_capture']['median_ms']:8.1f}")
+            for name, hit in r.get("layouts", {}).items():
+                cells.append(f"{name}={hit['median_ms']:7.1f}({hit.get('speedup', float('nan')):5.1f}x,"
+                             f"{hit['reused_tokens_median']:.0f})")
+            print(" ".join(cells))
+        if eng.get("first_hit"):
+            fh = eng["first_hit"]
+            print(f"first hit {fh['first_ms']:.1f} ms vs steady {fh['steady']['median_ms']:.1f} ms")
+        print("verdict", json.dumps(eng["verdict"]))
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    engines = list(data["engines"])
+    fig, axes = plt.subplots(1, len(engines), figsize=(6.5 * len(engines), 4.8), squeeze=False)
+    for ax, engine in zip(axes[0], engines):
+        rows = data["engines"][engine]["rows"]
+        xs = [r["prompt_tokens"] for r in rows]
+
+        def line(get: Any, label: str, **kw: Any) -> None:
+            pts = [(x, get(r)) for x, r in zip(xs, rows) if get(r) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **kw)
+
+        line(lambda r: r.get("cold", {}).get("median_ms"), "cold (no connector)", color="black")
+        line(lambda r: r.get("miss", {}).get("median_ms"), "miss (planning)", color="grey", ls="--")
+        line(lambda r: r.get("miss_capture", {}).get("median_ms"), "miss + donor capture", color="grey", ls=":")
+        colors = {"doc_first": "tab:green", "doc_moved": "tab:blue", "instruction_first": "tab:red"}
+        for name, color in colors.items():
+            line(lambda r, n=name: r.get("layouts", {}).get(n, {}).get("median_ms"), f"hit: {name}", color=color)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("TTFT ms (median)")
+        ax.set_title(f"{engine}: {data.get('device', '')}, vLLM {data.get('vllm', '')}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SemBlendConnectorV1 prefix mode, Qwen2.5-7B config, RANDOM weights (load_format=dummy), bf16",
+                 fontsize=10)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("worker", "all"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", required=True)
+        p.add_argument("--lengths", default=",".join(map(str, LENGTHS_32K)))
+        p.add_argument("--repeats", type=int, default=7)
+        p.add_argument("--overhead-repeats", type=int, default=15, help="repeats of cold/miss at 8K")
+        p.add_argument("--max-model-len", type=int, default=32768)
+        p.add_argument("--donor-gib", type=float, default=48.0)
+        p.add_argument("--kv-cache-gib", type=float, default=8.0)
+        p.add_argument("--tiny", action="store_true", help="tiny Qwen2 config (CPU dry run of the script)")
+        p.add_argument("--seed", type=int, default=0)
+    w = sub.choices["worker"]
+    w.add_argument("--engine", choices=("eager", "compiled"), required=True)
+    w.add_argument("--connector", action="store_true")
+    w.add_argument("--model-dir", type=Path, required=True)
+    w.add_argument("--budget-s", type=float, default=1e9)
+    a = sub.choices["all"]
+    a.add_argument("--engines", default="eager,compiled")
+    a.add_argument("--total-budget-s", type=float, default=540.0)
+    a.add_argument("--name", default="vllm_ttft_h200.json")
+    m = sub.add_parser("merge")
+    m.add_argument("parts", type=Path, nargs="+")
+    m.add_argument("--out", type=Path, required=True)
+    pl = sub.add_parser("plot")
+    pl.add_argument("json", type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "worker":
+        worker(args)
+        return 0
+    if args.cmd == "all":
+        return run_all(args)
+    if args.cmd == "merge":
+        merged = merge([json.loads(p.read_text()) for p in args.parts])
+        args.out.write_text(json.dumps(merged, indent=1))
+        print_table(merged)
+        return 0
+    print(plot(args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout (or a carried copy)
+    sys.exit(main())
