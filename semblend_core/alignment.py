@@ -19,12 +19,12 @@ fallback: reuse is only ever claimed for identical ordered runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from rapidfuzz.distance import Indel
 
-from semblend_core.fingerprint import kgram_hashes, winnow
+from semblend_core.fingerprint import kgram_hashes, sorted_unique, winnow, winnow_levels
 from semblend_core.plan import FuzzySpan, Span
 
 _MAX_DIAGONALS = 64
@@ -86,20 +86,33 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts.astype(np.int64), (ends - starts).astype(np.int64)
 
 
+_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class TargetAnchors:
-    """The prompt's winnowed anchors (hash, position), computed once per plan and shared by all candidates."""
+    """The prompt's winnowed anchors (hash, position), computed once per plan and shared by all candidates.
+
+    ``sketch_hashes`` / ``sketch_positions`` (position order) are the prompt's sketch for the donor index
+    (``DonorStore.candidates``), filled when ``build`` is given the store's ``sketch_window``.
+    """
 
     hashes: np.ndarray  # sorted by hash: sorted queries make searchsorted cache-friendly
     positions: np.ndarray
+    sketch_hashes: np.ndarray = field(default_factory=lambda: _EMPTY_U64)
+    sketch_positions: np.ndarray = field(default_factory=lambda: _EMPTY_I64)
 
     @classmethod
-    def build(cls, target: np.ndarray, k: int, w: int) -> TargetAnchors:
+    def build(cls, target: np.ndarray, k: int, w: int, sketch_window: int | None = None) -> TargetAnchors:
         h = kgram_hashes(target, k)
-        pos = winnow(h, w)
+        if sketch_window is None:
+            pos, spos = winnow(h, w), _EMPTY_I64
+        else:
+            pos, spos = winnow_levels(h, w, sketch_window)
         ah = h[pos]
         order = np.argsort(ah, kind="stable")
-        return cls(ah[order], pos[order])
+        return cls(ah[order], pos[order], h[spos], spos)
 
     def unique_hashes(self) -> np.ndarray:
         if self.hashes.size == 0:
@@ -108,6 +121,17 @@ class TargetAnchors:
         keep[0] = True
         np.not_equal(self.hashes[1:], self.hashes[:-1], out=keep[1:])
         return self.hashes[keep]
+
+    def query_hashes(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Sorted distinct sketch hashes of the k-grams starting in ``[start, end)``: the index query for the
+        whole prompt or one region of it (k-grams starting in the region may run up to ``k - 1`` tokens past it).
+        Empty when built without a sketch window."""
+        pos = self.sketch_positions
+        if start > 0 or end is not None:
+            lo = int(np.searchsorted(pos, start))
+            hi = pos.shape[0] if end is None else int(np.searchsorted(pos, end))
+            return sorted_unique(self.sketch_hashes[lo:hi])
+        return sorted_unique(self.sketch_hashes)
 
 
 def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) -> np.ndarray:
