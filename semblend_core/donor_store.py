@@ -67,7 +67,8 @@ class _Run:
     """One immutable sorted run: distinct keys, their postings (CSR), and a bucket table over the keys' top bits.
 
     ``keys`` (uint64, ascending, distinct); postings of ``keys[i]`` are ``vals[starts[i]:starts[i + 1]]`` (packed
-    ``slot << 24 | generation``). ``buckets[b]`` is the number of keys whose top ``log2(len(buckets) - 1)`` bits
+    ``slot << 24 | generation``; ``starts`` is None when every key has exactly one posting, ``vals[i]``).
+    ``buckets[b]`` is the number of keys whose top ``log2(len(buckets) - 1)`` bits
     are below ``b``, with about one bucket per key: a query reads its bucket bounds (one cache line), and only the
     few keys inside a non-empty bucket, instead of binary-searching a multi-million-entry array. A key shared by
     many donors costs one bucket probe however many postings it has (its count is ``starts[i+1] - starts[i]``).
@@ -85,10 +86,13 @@ class _Run:
             np.not_equal(keys[1:], keys[:-1], out=first[1:])
         begin = np.flatnonzero(first)
         self.keys = keys[begin]
-        self.starts = np.empty(begin.shape[0] + 1, dtype=np.int64)
-        self.starts[:-1] = begin
-        self.starts[-1] = n
         self.vals = vals
+        if begin.shape[0] == n:  # every key has one posting (the common case): vals[i] belongs to keys[i]
+            self.starts = None
+        else:
+            self.starts = np.empty(begin.shape[0] + 1, dtype=np.int32 if n < 2**31 else np.int64)
+            self.starts[:-1] = begin
+            self.starts[-1] = n
         u = self.keys.shape[0]
         if u <= _DIRECT_SEARCH_KEYS:
             self.buckets, self.shift = None, np.uint64(0)
@@ -104,7 +108,7 @@ class _Run:
         return int(self.vals.shape[0])
 
     def expanded_keys(self) -> np.ndarray:
-        return np.repeat(self.keys, np.diff(self.starts))
+        return self.keys if self.starts is None else np.repeat(self.keys, np.diff(self.starts))
 
     def find(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query indices, key indices) of the queries present in the run; ``query`` sorted, distinct."""
@@ -176,29 +180,43 @@ class _AnchorIndex:
         self.live = sum(r.size for r in self.runs)
 
     def nbytes(self) -> int:
-        return sum(r.keys.nbytes + r.starts.nbytes + r.vals.nbytes + (r.buckets.nbytes if r.buckets is not None
-                                                                      else 0) for r in self.runs)
+        return sum(r.keys.nbytes + r.vals.nbytes + sum(a.nbytes for a in (r.starts, r.buckets) if a is not None)
+                   for r in self.runs)
 
     def lookup(self, query: np.ndarray, max_postings: int) -> np.ndarray:
         """Packed values of every entry whose key is in ``query`` (sorted distinct), skipping keys with more than
-        ``max_postings`` postings in a run (a template shared by most donors carries no signal)."""
-        out = []
+        ``max_postings`` postings over all runs (a template shared by most donors carries no signal)."""
+        found = []
+        spread = False  # some key has several postings (then totals over runs decide what is skipped)
         for run in self.runs:
-            _, ki = run.find(query)
+            qi, ki = run.find(query)
             if ki.size == 0:
                 continue
-            lo = run.starts[ki]
-            counts = run.starts[ki + 1] - lo
-            if int(counts.max()) == 1:
-                out.append(run.vals[lo])
+            if run.starts is None:
+                found.append((run, qi, ki, None))
+            else:
+                lo = run.starts[ki].astype(np.int64)
+                found.append((run, qi, lo, run.starts[ki + 1] - lo))
+                spread = True
+        if not found:
+            return np.zeros(0, dtype=np.int64)
+        if not spread and len(found) <= max_postings:
+            out = [run.vals[ki] for run, _, ki, _ in found]
+            return np.concatenate(out) if len(out) > 1 else out[0]
+        totals = np.zeros(query.shape[0], dtype=np.int64)
+        for _, qi, _, counts in found:
+            totals[qi] += 1 if counts is None else counts  # qi is distinct within one run
+        common = totals > max_postings
+        out = []
+        for run, qi, lo, counts in found:
+            keep = ~common[qi]
+            if counts is None:
+                out.append(run.vals[lo[keep]])
                 continue
-            keep = counts <= max_postings
             lo, counts = lo[keep], counts[keep]
             total = int(counts.sum())
-            if total == 0:
-                continue
-            idx = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
-            out.append(run.vals[idx])
+            if total:
+                out.append(run.vals[np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)])
         if not out:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate(out) if len(out) > 1 else out[0]
