@@ -145,18 +145,28 @@ def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) ->
     if not found.any():
         return np.zeros(0, dtype=np.int64)
     q, lo, tpos = q[found], lo[found], tpos[found]
-    counts = np.searchsorted(sh, q, side="right") - lo
-    keep = counts <= _MAX_SEEDS_PER_ANCHOR  # very repetitive k-grams carry no alignment signal
-    if not keep.any():
-        return np.zeros(0, dtype=np.int64)
-    lo, counts, tpos = lo[keep], counts[keep], tpos[keep]
-    total = int(counts.sum())
-    offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
-    dpos = donor_hashes.sorted_positions[offsets]
-    diags = dpos - np.repeat(tpos, counts)
-    uniq, freq = np.unique(diags, return_counts=True)
+    nxt = np.minimum(lo + 1, sh.shape[0] - 1)
+    if not np.any((sh[nxt] == q) & (nxt > lo)):  # every matched hash occurs once in the donor: one seed each
+        diags = donor_hashes.sorted_positions[lo] - tpos
+    else:
+        counts = np.searchsorted(sh, q, side="right") - lo
+        keep = counts <= _MAX_SEEDS_PER_ANCHOR  # very repetitive k-grams carry no alignment signal
+        if not keep.any():
+            return np.zeros(0, dtype=np.int64)
+        lo, counts, tpos = lo[keep], counts[keep], tpos[keep]
+        total = int(counts.sum())
+        offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        diags = donor_hashes.sorted_positions[offsets] - np.repeat(tpos, counts)
+    diags.sort()
+    first = np.empty(diags.shape[0], dtype=bool)
+    first[0] = True
+    np.not_equal(diags[1:], diags[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    if starts.shape[0] == 1:  # one diagonal (the common hit: one long shared run)
+        return diags[:1]
+    freq = np.diff(starts, append=diags.shape[0])
     order = np.argsort(-freq, kind="stable")[:_MAX_DIAGONALS]
-    return uniq[order]
+    return diags[starts[order]]
 
 
 def _candidates(donor: np.ndarray, target: np.ndarray, diagonals: np.ndarray, min_span: int) -> list[Span]:
