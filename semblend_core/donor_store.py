@@ -8,8 +8,8 @@ Lifecycle: ``register(donor_id, tokens, namespace, embedding)`` -> ``candidates(
   were written under, so a reused slot never inherits its previous occupant's votes.
 * Namespaces partition everything: each has its own anchor index and candidates never cross namespaces.
 * Anchor index (per namespace): each donor contributes its *sketch*: the distinct k-gram hashes winnowed with
-  window ``sketch_window`` (default 32; ``fingerprint.winnow_levels``), about one entry per 16 tokens at any donor
-  length. A prompt queries its own sketch, so every donor sharing a run of ``sketch_window + k - 1`` tokens (39)
+  window ``sketch_window`` (default ``4 * winnow_window`` = 32; ``fingerprint.winnow_levels``), about one entry
+  per 16 tokens at any donor length. A prompt queries its own sketch, so every donor sharing a run of ``sketch_window + k - 1`` tokens (39)
   with it gets a vote, whether the donor has 100 tokens or ``max_prompt_tokens`` (a fixed-size sample could not
   promise that: it thins out on long donors). Entries live in a log-structured set of sorted numpy runs (small
   recent runs merged into larger ones), each with a bucket table over the keys' top bits, so a query is a few
@@ -60,6 +60,9 @@ class Candidate:
     score: float  # estimated shared k-grams: votes / sketch_size * donor k-grams
 
 
+# The sketch's window, in anchor windows: 4 x 8 = 32 k-grams by default (~1 index entry per 16 donor tokens; every
+# shared run of 39 tokens votes). Larger means a smaller index and prompt query but longer guaranteed runs.
+_SKETCH_WINDOWS_PER_ANCHOR_WINDOW = 4
 _DIRECT_SEARCH_KEYS = 1 << 17  # runs this small are binary-searched directly (measured faster below ~100K keys)
 
 
@@ -231,11 +234,13 @@ class DonorStore:
     """Capacity-bounded, namespace-partitioned, thread-safe donor registry with an anchor index."""
 
     def __init__(self, max_donors: int, *, shingle_tokens: int = 8, winnow_window: int = 8,
-                 sketch_window: int = 32, max_postings: int = 4096, embedding_dim: int | None = None,
+                 sketch_window: int | None = None, max_postings: int = 4096, embedding_dim: int | None = None,
                  ann_backend: str = "exact") -> None:
         self.max_donors = max_donors
         self.k = shingle_tokens
         self.w = winnow_window
+        if sketch_window is None:
+            sketch_window = _SKETCH_WINDOWS_PER_ANCHOR_WINDOW * winnow_window
         if sketch_window < winnow_window:
             raise ValueError(f"sketch_window={sketch_window} must be >= winnow_window={winnow_window}")
         self.sketch_window = sketch_window
