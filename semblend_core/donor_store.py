@@ -10,10 +10,14 @@ that the donor's KV leaves with it (one donor lifetime for planner and KV store)
   reused after eviction; every slot carries a generation number and index entries remember the generation they
   were written under, so a reused slot never inherits its previous occupant's votes.
 * Namespaces partition everything: each has its own anchor index and candidates never cross namespaces.
-* Anchor index (per namespace): each donor contributes the ``bottom_k`` smallest of its winnowed k-gram hashes.
-  Entries live in a log-structured set of sorted numpy runs (small recent runs merged into larger ones), so a
-  query is a few ``searchsorted`` calls plus one ``bincount`` regardless of store size, and memory is ~12 bytes per
-  entry (no per-entry Python objects).
+* Anchor index (per namespace): each donor contributes its *sketch*: the distinct k-gram hashes winnowed with
+  window ``sketch_window`` (default ``4 * winnow_window`` = 32; ``fingerprint.winnow_levels``), about one entry
+  per 16 tokens at any donor length. A prompt queries its own sketch, so every donor sharing a run of ``sketch_window + k - 1`` tokens (39)
+  with it gets a vote, whether the donor has 100 tokens or ``max_prompt_tokens`` (a fixed-size sample could not
+  promise that: it thins out on long donors). Entries live in a log-structured set of sorted numpy runs (small
+  recent runs merged into larger ones), each with a bucket table over the keys' top bits, so a query is a few
+  gathers per run plus a sort of the postings regardless of store size; ~28 bytes per entry, ~1.7 bytes per donor
+  token (no per-entry Python objects).
 * Embeddings (optional) live in one float32 matrix; ``nearest`` is exact cosine (matrix-vector product) or an
   ANN index (usearch, ``ann_backend="usearch"``) for 100K+ donors.
 
@@ -34,7 +38,7 @@ import numpy as np
 
 from semblend_core.alignment import DonorHashes
 from semblend_core.errors import DuplicateDonorError, StoreFullError
-from semblend_core.fingerprint import anchors, bottom_k
+from semblend_core.fingerprint import kgram_hashes, sketch_hashes, winnow_levels
 
 logger = logging.getLogger(__name__)
 
@@ -67,48 +71,101 @@ class Candidate:
     score: float  # estimated shared k-grams: votes / sketch_size * donor k-grams
 
 
-class _Run:
-    """One sorted run: keys (uint64, ascending), packed values, and a bitmap over the keys' top bits.
+# The sketch's window, in anchor windows: 4 x 8 = 32 k-grams by default (~1 index entry per 16 donor tokens; every
+# shared run of 39 tokens votes). Larger means a smaller index and prompt query but longer guaranteed runs.
+_SKETCH_WINDOWS_PER_ANCHOR_WINDOW = 4
+_DIRECT_SEARCH_KEYS = 1 << 17  # runs this small are binary-searched directly (measured faster below ~100K keys)
 
-    The bitmap (~16 bits per key) answers "is this hash possibly in the run?" with one gather, so each binary
-    search only sees queries that very likely match: a miss costs a gather per run, a hit ~one search per match.
+
+class _Run:
+    """One immutable sorted run: distinct keys, their postings (CSR), and a bucket table over the keys' top bits.
+
+    ``keys`` (uint64, ascending, distinct); postings of ``keys[i]`` are ``vals[starts[i]:starts[i + 1]]`` (packed
+    ``slot << 24 | generation``; ``starts`` is None when every key has exactly one posting, ``vals[i]``).
+    ``buckets[b]`` is the number of keys whose top ``log2(len(buckets) - 1)`` bits
+    are below ``b``, with about one bucket per key: a query reads its bucket bounds (one cache line), and only the
+    few keys inside a non-empty bucket, instead of binary-searching a multi-million-entry array. A key shared by
+    many donors costs one bucket probe however many postings it has (its count is ``starts[i+1] - starts[i]``).
+    Memory ~28 bytes per entry: key 8 + posting 8 + start 4 + bucket 4-8.
     """
 
-    __slots__ = ("keys", "vals", "bits", "shift")
+    __slots__ = ("keys", "starts", "vals", "buckets", "shift")
 
     def __init__(self, keys: np.ndarray, vals: np.ndarray) -> None:
-        self.keys, self.vals = keys, vals
-        log2 = 12
-        while (1 << log2) < keys.shape[0] * 16 and log2 < 31:
-            log2 += 1
+        """``keys`` sorted ascending (repeats allowed), ``vals`` aligned with them."""
+        n = keys.shape[0]
+        first = np.empty(n, dtype=bool)
+        if n:
+            first[0] = True
+            np.not_equal(keys[1:], keys[:-1], out=first[1:])
+        begin = np.flatnonzero(first)
+        self.keys = keys[begin]
+        self.vals = vals
+        if begin.shape[0] == n:  # every key has one posting (the common case): vals[i] belongs to keys[i]
+            self.starts = None
+        else:
+            self.starts = np.empty(begin.shape[0] + 1, dtype=np.int32 if n < 2**31 else np.int64)
+            self.starts[:-1] = begin
+            self.starts[-1] = n
+        u = self.keys.shape[0]
+        if u <= _DIRECT_SEARCH_KEYS:
+            self.buckets, self.shift = None, np.uint64(0)
+            return
+        log2 = max(1, (u - 1).bit_length())  # 2^log2 >= u buckets: load <= 1
         self.shift = np.uint64(64 - log2)
-        self.bits = np.zeros(1 << (log2 - 6), dtype=np.uint64)
-        idx = keys >> self.shift
-        np.bitwise_or.at(self.bits, (idx >> np.uint64(6)).astype(np.int64), np.uint64(1) << (idx & np.uint64(63)))
+        counts = np.bincount((self.keys >> self.shift).astype(np.int64), minlength=1 << log2)
+        self.buckets = np.zeros((1 << log2) + 1, dtype=np.int32 if u < 2**31 else np.int64)
+        np.cumsum(counts, out=self.buckets[1:])
 
     @property
     def size(self) -> int:
-        return int(self.keys.shape[0])
+        return int(self.vals.shape[0])
 
-    def maybe_contains(self, query: np.ndarray) -> np.ndarray:
-        idx = query >> self.shift
-        words = self.bits[(idx >> np.uint64(6)).astype(np.int64)]
-        return ((words >> (idx & np.uint64(63))) & np.uint64(1)).astype(bool)
+    def expanded_keys(self) -> np.ndarray:
+        return self.keys if self.starts is None else np.repeat(self.keys, np.diff(self.starts))
+
+    def find(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query indices, key indices) of the queries present in the run; ``query`` sorted, distinct."""
+        keys = self.keys
+        if keys.shape[0] == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        if self.buckets is None:
+            lo = np.searchsorted(keys, query)
+            lo = np.minimum(lo, keys.shape[0] - 1)
+            qi = np.flatnonzero(keys[lo] == query)
+            return qi, lo[qi]
+        b = (query >> self.shift).astype(np.intp)
+        lo = self.buckets[b]
+        cnt = self.buckets[b + 1] - lo
+        qi = np.flatnonzero(cnt)
+        if qi.size == 0:
+            return qi, qi
+        lo, cnt = lo[qi].astype(np.int64), cnt[qi]
+        if int(cnt.max()) == 1:
+            hit = keys[lo] == query[qi]
+            return qi[hit], lo[hit]
+        total = int(cnt.sum())  # ~1.6 keys per non-empty bucket: expand them all and compare
+        first = np.cumsum(cnt) - cnt
+        owner = np.repeat(np.arange(qi.shape[0]), cnt)
+        ki = lo[owner] + (np.arange(total) - first[owner])
+        hit = keys[ki] == query[qi[owner]]
+        return qi[owner[hit]], ki[hit]
 
 
-def _merged(a: _Run, b: _Run, keep_a: np.ndarray | None = None) -> _Run:
-    keys = np.concatenate([a.keys, b.keys])
+def _merged(a: _Run, b: _Run) -> _Run:
+    keys = np.concatenate([a.expanded_keys(), b.expanded_keys()])
     vals = np.concatenate([a.vals, b.vals])
     order = np.argsort(keys, kind="stable")  # linear-time on two concatenated sorted runs (timsort)
     return _Run(keys[order], vals[order])
 
 
 class _AnchorIndex:
-    """Inverted index uint64 hash -> packed ``slot << 24 | generation``, as size-tiered sorted runs.
+    """Inverted index uint64 sketch hash -> packed ``slot << 24 | generation``, as size-tiered sorted runs.
 
     Runs are kept largest first; after each insert the two smallest merge while the smaller is at least a quarter
     of the larger, so there are O(log N) runs and each entry is re-merged O(log N) times (registration stays fast
-    as the store grows). Each run carries a bitmap filter (see ``_Run``).
+    as the store grows). Each run carries a bucket table (see ``_Run``).
     """
 
     def __init__(self) -> None:
@@ -118,7 +175,7 @@ class _AnchorIndex:
 
     def add(self, keys: np.ndarray, slot: int, generation: int) -> None:
         vals = np.full(keys.shape[0], (slot << _GEN_BITS) | (generation & _GEN_MASK), dtype=np.int64)
-        self.runs.append(_Run(keys, vals))  # keys come sorted from bottom_k
+        self.runs.append(_Run(keys, vals))  # keys come sorted and distinct from sketch_hashes
         self.live += keys.shape[0]
         while len(self.runs) >= 2 and self.runs[-1].size * 4 >= self.runs[-2].size:
             small, big = self.runs.pop(), self.runs.pop()
@@ -127,7 +184,7 @@ class _AnchorIndex:
     def compact(self, slot_generation: np.ndarray) -> None:
         """Drop entries whose slot has been reused or freed (one run remains)."""
         if self.runs:
-            keys = np.concatenate([r.keys for r in self.runs])
+            keys = np.concatenate([r.expanded_keys() for r in self.runs])
             vals = np.concatenate([r.vals for r in self.runs])
             ok = _valid(vals, slot_generation)
             keys, vals = keys[ok], vals[ok]
@@ -136,27 +193,44 @@ class _AnchorIndex:
         self.stale = 0
         self.live = sum(r.size for r in self.runs)
 
+    def nbytes(self) -> int:
+        return sum(r.keys.nbytes + r.vals.nbytes + sum(a.nbytes for a in (r.starts, r.buckets) if a is not None)
+                   for r in self.runs)
+
     def lookup(self, query: np.ndarray, max_postings: int) -> np.ndarray:
-        """Packed values of every entry whose key is in ``query`` (sorted unique), skipping over-common keys."""
-        out = []
+        """Packed values of every entry whose key is in ``query`` (sorted distinct), skipping keys with more than
+        ``max_postings`` postings over all runs (a template shared by most donors carries no signal)."""
+        found = []
+        spread = False  # some key has several postings (then totals over runs decide what is skipped)
         for run in self.runs:
-            q = query[run.maybe_contains(query)]
-            if q.size == 0:
+            qi, ki = run.find(query)
+            if ki.size == 0:
                 continue
-            keys = run.keys
-            lo = np.searchsorted(keys, q, side="left")
-            found = keys[np.minimum(lo, keys.shape[0] - 1)] == q
-            if not found.any():
+            if run.starts is None:
+                found.append((run, qi, ki, None))
+            else:
+                lo = run.starts[ki].astype(np.int64)
+                found.append((run, qi, lo, run.starts[ki + 1] - lo))
+                spread = True
+        if not found:
+            return np.zeros(0, dtype=np.int64)
+        if not spread and len(found) <= max_postings:
+            out = [run.vals[ki] for run, _, ki, _ in found]
+            return np.concatenate(out) if len(out) > 1 else out[0]
+        totals = np.zeros(query.shape[0], dtype=np.int64)
+        for _, qi, _, counts in found:
+            totals[qi] += 1 if counts is None else counts  # qi is distinct within one run
+        common = totals > max_postings
+        out = []
+        for run, qi, lo, counts in found:
+            keep = ~common[qi]
+            if counts is None:
+                out.append(run.vals[lo[keep]])
                 continue
-            q, lo = q[found], lo[found]
-            counts = np.searchsorted(keys, q, side="right") - lo
-            keep = counts <= max_postings
             lo, counts = lo[keep], counts[keep]
             total = int(counts.sum())
-            if total == 0:
-                continue
-            idx = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
-            out.append(run.vals[idx])
+            if total:
+                out.append(run.vals[np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)])
         if not out:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate(out) if len(out) > 1 else out[0]
@@ -183,12 +257,16 @@ class DonorStore:
     """Capacity-bounded, namespace-partitioned, thread-safe donor registry with an anchor index."""
 
     def __init__(self, max_donors: int, *, shingle_tokens: int = 8, winnow_window: int = 8,
-                 sketch_size: int = 256, max_postings: int = 4096, embedding_dim: int | None = None,
+                 sketch_window: int | None = None, max_postings: int = 4096, embedding_dim: int | None = None,
                  ann_backend: str = "exact") -> None:
         self.max_donors = max_donors
         self.k = shingle_tokens
         self.w = winnow_window
-        self.sketch_size = sketch_size
+        if sketch_window is None:
+            sketch_window = _SKETCH_WINDOWS_PER_ANCHOR_WINDOW * winnow_window
+        if sketch_window < winnow_window:
+            raise ValueError(f"sketch_window={sketch_window} must be >= winnow_window={winnow_window}")
+        self.sketch_window = sketch_window
         self.max_postings = max_postings
         self._lock = threading.RLock()
         self._records: list[DonorRecord | None] = []
@@ -252,9 +330,10 @@ class DonorStore:
         different tokens under the same id raise ``DuplicateDonorError``. Evicts the least recently used unpinned
         donor when full (reported to the eviction listeners); raises ``StoreFullError`` if every donor is pinned."""
         key = (namespace_key, donor_id)
-        h, pos = anchors(tokens, self.k, self.w)  # computed outside the lock: the expensive part
-        sketch = bottom_k(h, self.sketch_size)
-        hashes = DonorHashes.from_anchors(h, pos)
+        kh = kgram_hashes(tokens, self.k)  # computed outside the lock: the expensive part
+        pos, sketch_pos = winnow_levels(kh, self.w, self.sketch_window)
+        sketch = sketch_hashes(kh, sketch_pos)
+        hashes = DonorHashes.from_anchors(kh[pos], pos)
         frozen = np.array(tokens, dtype=np.int64, copy=True)
         frozen.setflags(write=False)
         with self._lock:
@@ -364,10 +443,12 @@ class DonorStore:
 
     # ----------------------------------------------------------------- lookup
     def candidates(self, query_hashes: np.ndarray, namespace_key: str, limit: int) -> list[Candidate]:
-        """Top ``limit`` donors of ``namespace_key`` sharing sketch hashes with ``query_hashes`` (sorted unique)."""
+        """Top ``limit`` donors of ``namespace_key`` sharing sketch hashes with ``query_hashes`` (sorted unique
+        uint64), best estimated shared k-grams first. The query is normally the prompt's sketch
+        (``TargetAnchors.query_hashes``); any superset of it (e.g. all its anchors) finds the same donors."""
         with self._lock:
             index = self._indexes.get(namespace_key)
-            if index is None or query_hashes.size == 0:
+            if index is None or query_hashes.size == 0 or limit <= 0:
                 return []
             packed = index.lookup(query_hashes, self.max_postings)
             if packed.size == 0:
@@ -376,14 +457,28 @@ class DonorStore:
             if packed.size == 0:
                 return []
             slots = packed >> _GEN_BITS
-            votes = np.bincount(slots)
-            hit_slots = np.flatnonzero(votes)
-            # Rank by estimated shared k-grams, not raw votes: a long donor samples its content more sparsely.
+            if slots.shape[0] * 8 < self._slot_len.shape[0]:  # few postings: sort them rather than count all slots
+                slots = np.sort(slots)
+                first = np.empty(slots.shape[0], dtype=bool)
+                first[0] = True
+                np.not_equal(slots[1:], slots[:-1], out=first[1:])
+                begin = np.flatnonzero(first)
+                hit_slots = slots[begin]
+                v = np.diff(np.append(begin, slots.shape[0])).astype(np.float64)
+            else:
+                votes = np.bincount(slots)
+                hit_slots = np.flatnonzero(votes)
+                v = votes[hit_slots].astype(np.float64)
+            # Rank by estimated shared k-grams, not raw votes: a long donor's sketch has more entries.
             sizes = self._slot_sketch[hit_slots].astype(np.float64)
             lens = self._slot_len[hit_slots].astype(np.float64)
-            v = votes[hit_slots].astype(np.float64)
             score = v / np.maximum(sizes, 1.0) * np.maximum(lens - self.k + 1, 1.0)
-            order = np.argsort(-score, kind="stable")[:limit]
+            if score.shape[0] > 4 * limit:  # same order as a full stable sort (ties: lower slot first), cheaper
+                kth = np.partition(score, score.shape[0] - limit)[score.shape[0] - limit]
+                top = np.flatnonzero(score >= kth)
+                order = top[np.argsort(-score[top], kind="stable")][:limit]
+            else:
+                order = np.argsort(-score, kind="stable")[:limit]
             return [Candidate(int(hit_slots[i]), int(v[i]), float(score[i])) for i in order]
 
     def nearest(self, embedding: np.ndarray, namespace_key: str, limit: int) -> list[tuple[int, float]]:
@@ -449,6 +544,7 @@ class DonorStore:
                 "capacity": self.max_donors,
                 "namespaces": len(self._indexes),
                 "index_entries": sum(ix.live for ix in self._indexes.values()),
+                "index_bytes": sum(ix.nbytes() for ix in self._indexes.values()),
                 "evictions": self.evictions,
                 "pinned": sum(1 for c in self._pins.values() if c),
             }

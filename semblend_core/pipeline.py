@@ -488,8 +488,8 @@ class SemBlendPipeline:
 
         # --- discovery by token anchors (no embedding on the common path)
         t0 = time.perf_counter()
-        target_anchors = TargetAnchors.build(tokens, cfg.shingle_tokens, cfg.winnow_window)
-        query = target_anchors.unique_hashes()
+        target_anchors = TargetAnchors.build(tokens, cfg.shingle_tokens, cfg.winnow_window, self.store.sketch_window)
+        query = target_anchors.query_hashes()
         cands = self.store.candidates(query, ns.key, cfg.max_candidates)
         t1 = time.perf_counter()
         best: tuple[DonorRecord, Alignment] | None = None

@@ -107,3 +107,54 @@ def test_concurrent_register_and_lookup_from_8_threads():
         th.join()
     assert not errors, errors[:3]
     assert len(store) == 200
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_keys_shared_by_many_donors_vote_until_max_postings(buckets, monkeypatch):
+    # ``buckets``: runs above 64 keys use their bucket table (the path of multi-million-entry runs) instead of a
+    # direct binary search.
+    from semblend_core import donor_store
+
+    if buckets:
+        monkeypatch.setattr(donor_store, "_DIRECT_SEARCH_KEYS", 64)
+    rng = np.random.default_rng(5)
+    header = rng.integers(1000, 10**6, 300)
+    n_donors = 40
+    store = DonorStore(1000, max_postings=n_donors // 2)
+    bodies = [rng.integers(1000, 10**6, 400) for _ in range(n_donors)]
+    for i, b in enumerate(bodies):
+        store.register(f"d{i}", np.concatenate([header, b]), "ns")
+    assert all((r.buckets is not None) == (buckets and r.keys.shape[0] > 64) for r in store._indexes["ns"].runs)
+    # Header keys have n_donors postings > max_postings: skipped, so only the body decides.
+    assert _ids(store, np.concatenate([header, bodies[7]]))[0] == "d7"
+    # A header-only prompt: the header's interior keys are skipped; only keys next to its end, which a donor's
+    # sketch picks depending on what follows the header, have few enough postings to vote.
+    assert all(c.votes <= 3 for c in store.candidates(_query(header), "ns", 100))
+    loose = DonorStore(1000, max_postings=10 * n_donors)
+    for i, b in enumerate(bodies[:30]):
+        loose.register(f"d{i}", np.concatenate([header, b]), "ns")
+    got = loose.candidates(_query(header), "ns", 100)
+    assert len(got) == 30 and min(c.votes for c in got) >= 10  # ~300/16 interior header keys vote for everyone
+    assert _ids(loose, np.concatenate([header, bodies[3][:200]]))[0] == "d3"
+
+
+def test_bucket_table_and_binary_search_find_the_same_postings(monkeypatch):
+    from semblend_core import donor_store
+
+    rng = np.random.default_rng(9)
+    shared = [rng.integers(1000, 10**6, 300) for _ in range(5)]
+    docs = [np.concatenate([shared[i % 5], _doc(100 + i, 300 + 37 * i)]) for i in range(60)]
+    stores = {}
+    for threshold in (1 << 17, 16):
+        monkeypatch.setattr(donor_store, "_DIRECT_SEARCH_KEYS", threshold)
+        store = DonorStore(50, max_postings=8)  # 60 donors into 50 slots: stale entries too
+        for i, d in enumerate(docs):
+            store.register(f"d{i}", d, "ns")
+        stores[threshold] = store
+    assert any(r.buckets is not None for r in stores[16]._indexes["ns"].runs)
+    for i in range(0, 60, 3):
+        q = _query(np.concatenate([docs[i][:150], _doc(999, 50), docs[(i + 7) % 60][200:]]))
+        a = stores[1 << 17].candidates(q, "ns", 10)
+        b = stores[16].candidates(q, "ns", 10)
+        assert [(c.slot, c.votes) for c in a] == [(c.slot, c.votes) for c in b]
+        assert a  # the query shares content with live donors
