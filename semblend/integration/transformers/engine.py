@@ -69,6 +69,8 @@ class EngineOptions:
     * ``kv_capacity_bytes`` / ``kv_tier``: donor KV store (``semblend_core.kv_tensor_store``) size, on the model's
       device or in (pinned) host memory; ``host`` donors are copied to the device by every hit.
     * ``namespace``: cache namespace of this engine (default: built from the model and tokenizer).
+    * ``selection``: a ``semblend_core.recompute.SelectionStrategy`` that picks the budgeted tokens instead of the
+      deviation check (``check_layer`` is then unused); ``None`` keeps the check.
     """
 
     check_layer: int | None = 1
@@ -78,6 +80,7 @@ class EngineOptions:
     kv_capacity_bytes: int = 2 << 30
     kv_tier: str = "device"
     namespace: CacheNamespace | None = None
+    selection: Any = None
 
     def __post_init__(self) -> None:
         if self.check_layer is not None and (isinstance(self.check_layer, bool) or not isinstance(
@@ -481,7 +484,8 @@ class SemBlendEngine:
             t1 = time.perf_counter()
             # One pass over the layers: recomputed prefix tokens and the suffix together; logits of the last token.
             stats, logits = blend_prefill(self.model, torch.tensor(ids, device=self.device), k, v, plan,
-                                          reuse_len=prefix_len, check_layer=self.options.check_layer)
+                                          reuse_len=prefix_len, check_layer=self.options.check_layer,
+                                          selection=self.options.selection)
             _sync(self.device)
             t2 = time.perf_counter()
             cache = build_dynamic_cache(self.model, k, v)  # k/v storage is already in the cache's layout: no copy
