@@ -153,7 +153,7 @@ class ColdCache:
         h = hashlib.sha256(repr((ids, self.answer_tokens)).encode()).hexdigest()[:24]
         return self.dir / f"{h}.pt"
 
-    def get(self, engine: Any, ids: list[int]) -> dict[str, Any]:
+    def get(self, engine: Any, ids: list[int], eos: set[int]) -> dict[str, Any]:
         import torch
 
         from semblend.integration.transformers.metrics import perplexity, teacher_forced_logits
@@ -163,12 +163,27 @@ class ColdCache:
             return torch.load(p)
         cold = engine.cold_prefill(ids)
         first = int(cold.logits.argmax())
-        answer = [first] + engine.decode(engine.fork(cold), first, self.answer_tokens - 1)
+        answer = greedy(engine.model, engine.fork(cold).cache, first, self.answer_tokens - 1, eos)
         tf = teacher_forced_logits(engine.model, cold, answer)
         entry = {"answer": answer, "logits0": cold.logits.float().clone(), "ppl": perplexity(tf, answer),
                  "ttft_s": cold.timings["total"]}
         torch.save(entry, p)
         return entry
+
+
+def greedy(model: Any, cache: Any, first: int, steps: int, eos: set[int]) -> list[int]:
+    """``first`` plus up to ``steps`` greedy tokens from ``cache`` (extended in place); stops after an EOS. A plain
+    loop: ``model.generate``'s per-step overhead dominates a 135M model's decode on a shared CPU."""
+    import torch
+
+    out, tok = [int(first)], int(first)
+    for _ in range(steps):
+        if tok in eos:
+            break
+        logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+    return out
 
 
 def margins(logits: Any) -> list[float]:
@@ -180,7 +195,7 @@ def margins(logits: Any) -> list[float]:
 
 
 def run_layout(model: Any, tok: Any, model_name: str, layout: str, work: list[dict[str, Any]], vs: list[Variant],
-               args: argparse.Namespace, cold_cache: ColdCache) -> list[dict[str, Any]]:
+               args: argparse.Namespace, cold_cache: ColdCache, flush: Any = None) -> list[dict[str, Any]]:
     import torch
 
     from semblend.integration.transformers import EngineOptions, SemBlendEngine
@@ -216,7 +231,7 @@ def run_layout(model: Any, tok: Any, model_name: str, layout: str, work: list[di
             pipes[v.name] = SemBlendPipeline(cfg, model_shape=shape)
             pipes[v.name].register_donor("donor", item["donor"])
         for t_idx, target in enumerate(item["targets"]):
-            cold = cold_cache.get(base, target)
+            cold = cold_cache.get(base, target, eos)
             cold_answer = cold["answer"]
             cold_text = tok.decode(cold_answer, skip_special_tokens=True)
             cold_task = rouge_l(item["reference"], cold_text)
@@ -229,22 +244,18 @@ def run_layout(model: Any, tok: Any, model_name: str, layout: str, work: list[di
                     continue
                 eng = engines[v.name]
                 pre = eng.prefill_with_plan(target, plan, dk, dv)
-                tf = teacher_forced_logits(model, eng.fork(pre), cold_answer)
+                tf = teacher_forced_logits(model, pre, cold_answer)  # extends pre.cache by cold_answer[:-1]
                 agree = (tf.argmax(dim=-1) == torch.tensor(cold_answer)).tolist()
                 first_div = next((j for j, a in enumerate(agree) if not a), None)
                 if first_div is None:
                     answer = list(cold_answer)
                 else:
                     # Greedy equals cold up to the first disagreement; decode the SemBlend cache from there.
-                    head = list(cold_answer[:first_div]) + [int(tf[first_div].argmax())]
-                    rest = args.answer_tokens - len(head)
-                    if rest > 0 and head[-1] not in eos:
-                        if first_div > 0:
-                            eng._forward(head[:-1], pre.cache)
-                        full = pre.prompt_ids + tuple(head[:-1])
-                        pre2 = dataclasses.replace(pre, prompt_ids=full)
-                        head += eng.decode(pre2, head[-1], rest)
-                    answer = head
+                    drop = len(cold_answer) - 1 - first_div  # the cache holds prompt + cold_answer[:-1]
+                    if drop:
+                        pre.cache.crop(-drop)  # negative: remove that many (transformers 4.x and 5.x alike)
+                    answer = list(cold_answer[:first_div]) + greedy(
+                        model, pre.cache, int(tf[first_div].argmax()), args.answer_tokens - first_div - 1, eos)
                 text = tok.decode(answer, skip_special_tokens=True)
                 pos_agree = sum(a == b for a, b in zip(answer, cold_answer)) / max(len(cold_answer), 1)
                 m = margins(tf)
@@ -265,6 +276,8 @@ def run_layout(model: Any, tok: Any, model_name: str, layout: str, work: list[di
         done = i + 1
         el = time.perf_counter() - t_layout
         print(f"[{model_name}/{layout}] {done}/{len(work)} papers, {el:.0f} s", file=sys.stderr, flush=True)
+        if flush is not None:
+            flush(records)
     return records
 
 
@@ -387,27 +400,34 @@ def main() -> None:
     papers = assets.load_aclsum("test", n=args.papers)
     cold_cache = ColdCache(f"{args.model}-{args.dtype}", args.answer_tokens)
     t0 = time.perf_counter()
-    records = []
+    records: list[dict[str, Any]] = []
+    def write(all_records: list[dict[str, Any]]) -> dict[str, Any]:
+        summary = summarize(all_records, vs)
+        entry = {
+            "model": desc, "dtype": args.dtype, "device": "cpu" if args.tag == "cpu" else args.tag,
+            "torch": torch.__version__, "papers": args.papers, "max_words": args.max_words,
+            "answer_tokens": args.answer_tokens, "wall_s": time.perf_counter() - t0, "summary": summary,
+            "meets_targets": {lay: sorted(n for n, e in s.items() if meets(args.model, e))
+                              for lay, s in summary.items()},
+            "records": all_records,
+        }
+        out = Path(args.out)
+        path = out / f"quality_frontier_{args.tag}.json"
+        result = json.loads(path.read_text()) if path.is_file() else {
+            "benchmark": "quality_frontier", "dataset": "ACLSum test split (aclsum package)", "targets": TARGETS,
+            "models": {}}
+        result["models"][args.model] = entry
+        write_json(result, path)
+        plot(result, out / f"quality_frontier_{args.tag}.png")
+        return summary
+
     with torch.no_grad():
         for layout in args.layouts.split(","):
             work = build_work(tok, layout, papers, args.max_words)
-            records += run_layout(model, tok, args.model, layout, work, vs, args, cold_cache)
-    summary = summarize(records, vs)
-    entry = {
-        "model": desc, "dtype": args.dtype, "device": "cpu" if args.tag == "cpu" else args.tag,
-        "torch": torch.__version__, "papers": args.papers, "max_words": args.max_words,
-        "answer_tokens": args.answer_tokens, "wall_s": time.perf_counter() - t0, "summary": summary,
-        "meets_targets": {lay: sorted(n for n, e in s.items() if meets(args.model, e)) for lay, s in summary.items()},
-        "records": records,
-    }
-    out = Path(args.out)
-    path = out / f"quality_frontier_{args.tag}.json"
-    result = json.loads(path.read_text()) if path.is_file() else {
-        "benchmark": "quality_frontier", "dataset": "ACLSum test split (aclsum package)", "targets": TARGETS,
-        "models": {}}
-    result["models"][args.model] = entry
-    write_json(result, path)
-    plot(result, out / f"quality_frontier_{args.tag}.png")
+            done = list(records)
+            records += run_layout(model, tok, args.model, layout, work, vs, args, cold_cache,
+                                  flush=lambda rs, done=done: write(done + rs))
+    summary = write(records)
     for lay, s in summary.items():
         for name, e in s.items():
             if e.get("hits"):
