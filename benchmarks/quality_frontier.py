@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import math
 import os
 import statistics
 import sys
@@ -55,7 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS_DIR, write_json  # noqa: E402
+from _common import RESULTS_DIR, write_json
 
 ASPECTS = ("challenge", "approach", "outcome")
 SYSTEMS = (None, "You are a helpful research assistant.",
@@ -96,6 +95,9 @@ def variant_set(which: str) -> list[Variant]:
         Variant("query_2_probe1", "query", 0.02, probe_layers=1),
         Variant("query_2_probe4", "query", 0.02, probe_layers=4),
         Variant("query_5_half_depth", "query", 0.05, depth=0.5),
+        # Every reused token fresh at layers 0-1 and nothing deeper: the deviation check's own pass, no selection.
+        Variant("wide_2_layers_smollm2", "position", 2 / 30, depth=2 / 30),
+        Variant("wide_2_layers_qwen05", "position", 2 / 24, depth=2 / 24),
     ]
     if which == "core":
         return core
@@ -199,7 +201,12 @@ def run_layout(model: Any, tok: Any, model_name: str, layout: str, work: list[di
     import torch
 
     from semblend.integration.transformers import EngineOptions, SemBlendEngine
-    from semblend.integration.transformers.metrics import kl_divergence, perplexity, rouge_l, teacher_forced_logits
+    from semblend.integration.transformers.metrics import (
+        kl_divergence,
+        perplexity,
+        rouge_l,
+        teacher_forced_logits,
+    )
     from semblend_core import SemBlendConfig
     from semblend_core.bathtub import ModelShape
     from semblend_core.pipeline import SemBlendPipeline
@@ -365,7 +372,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 if e.get("hits") and (e["seam_tokens"] != 4 or e["probe_layers"] != 2 or e["depth"] != 1.0):
                     ax.scatter([e["recomputed_fraction"] * 100], [e[key]], marker="x", color="gray")
                     ax.annotate(name, (e["recomputed_fraction"] * 100, e[key]), fontsize=6)
-            t = TARGETS[m]["top1" if col == 0 else "greedy"]
+            t = TARGETS[result["models"][m].get("model_key", m)]["top1" if col == 0 else "greedy"]
             ax.axhline(t, color="gray", ls="--", lw=0.8)
             ax.axvline(5, color="gray", ls=":", lw=0.8)
             ax.set(xlabel="recomputed token-layers (% of cold prefill)", title=f"{m} / {lay}: {label}")
@@ -386,6 +393,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", str(RESULTS_DIR)))
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--key", default=None, help="entry name in the JSON (default: the model; e.g. an ablation)")
     args = ap.parse_args()
 
     import json
@@ -404,7 +412,8 @@ def main() -> None:
     def write(all_records: list[dict[str, Any]]) -> dict[str, Any]:
         summary = summarize(all_records, vs)
         entry = {
-            "model": desc, "dtype": args.dtype, "device": "cpu" if args.tag == "cpu" else args.tag,
+            "model": desc, "model_key": args.model, "dtype": args.dtype,
+            "device": "cpu" if args.tag == "cpu" else args.tag,
             "torch": torch.__version__, "papers": args.papers, "max_words": args.max_words,
             "answer_tokens": args.answer_tokens, "wall_s": time.perf_counter() - t0, "summary": summary,
             "meets_targets": {lay: sorted(n for n, e in s.items() if meets(args.model, e))
@@ -416,7 +425,7 @@ def main() -> None:
         result = json.loads(path.read_text()) if path.is_file() else {
             "benchmark": "quality_frontier", "dataset": "ACLSum test split (aclsum package)", "targets": TARGETS,
             "models": {}}
-        result["models"][args.model] = entry
+        result["models"][args.key or args.model] = entry
         write_json(result, path)
         plot(result, out / f"quality_frontier_{args.tag}.png")
         return summary

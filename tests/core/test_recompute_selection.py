@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,7 +16,7 @@ def offsets(n, starts):
     """Offset of each position inside its span; spans start at ``starts`` (sorted) and run to the next start."""
     out = np.zeros(n, dtype=np.int64)
     bounds = list(starts) + [n]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         out[a:b] = np.arange(b - a)
     return out
 
@@ -79,10 +81,10 @@ def test_zero_budget_and_no_candidates_select_nothing():
     assert not select_depths(np.zeros(10, dtype=bool), 1.0, 5, scores=np.ones(10)).any()
 
 
-@pytest.mark.parametrize("kwargs", [dict(budget=1.5), dict(budget=-0.1), dict(budget=float("nan")),
-                                    dict(num_layers=0), dict(depth=0.0), dict(depth=1.5)])
+@pytest.mark.parametrize("kwargs", [{"budget": 1.5}, {"budget": -0.1}, {"budget": float("nan")},
+                                    {"num_layers": 0}, {"depth": 0.0}, {"depth": 1.5}])
 def test_bad_arguments_raise(kwargs):
-    args = dict(candidates=np.ones(4, dtype=bool), budget=0.5, num_layers=4, scores=np.ones(4))
+    args = {"candidates": np.ones(4, dtype=bool), "budget": 0.5, "num_layers": 4, "scores": np.ones(4)}
     args.update(kwargs)
     with pytest.raises(ValueError):
         select_depths(**args)
@@ -90,8 +92,8 @@ def test_bad_arguments_raise(kwargs):
         select_depths(np.ones(4, dtype=bool), 0.5, 4)  # neither scores nor offsets
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="deviation"), dict(probe_layers=0), dict(query_tokens=0),
-                                    dict(depth=0.0), dict(chunk_heads=-1), dict(probe_layers=True)])
+@pytest.mark.parametrize("kwargs", [{"name": "deviation"}, {"probe_layers": 0}, {"query_tokens": 0},
+                                    {"depth": 0.0}, {"chunk_heads": -1}, {"probe_layers": True}])
 def test_strategy_validation_names_allowed_values(kwargs):
     with pytest.raises(ValueError):
         SelectionStrategy(**kwargs)
