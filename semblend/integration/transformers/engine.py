@@ -91,6 +91,8 @@ class EngineOptions:
       (``semblend_core.model_support.compare_self_check``); a model that fails declines every prompt with
       ``self_check_failed:<what>``. Costs three prefills of a few dozen tokens, once per model, dtype and device.
       Off only for tests that need a deliberately broken loop.
+    * ``selection``: a ``semblend_core.recompute.SelectionStrategy`` that picks the budgeted tokens instead of the
+      deviation check (``check_layer`` is then unused); ``None`` keeps the check.
     """
 
     check_layer: int | None = 1
@@ -101,6 +103,7 @@ class EngineOptions:
     kv_tier: str = "device"
     namespace: CacheNamespace | None = None
     self_check: bool = True
+    selection: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.self_check, bool):
@@ -660,7 +663,8 @@ class SemBlendEngine:
             t1 = time.perf_counter()
             # One pass over the layers: recomputed prefix tokens and the suffix together; logits of the last token.
             stats, logits = blend_prefill(self.model, torch.tensor(ids, device=self.device), k, v, plan,
-                                          reuse_len=prefix_len, check_layer=self.options.check_layer)
+                                          reuse_len=prefix_len, check_layer=self.options.check_layer,
+                                          selection=self.options.selection)
             _sync(self.device)
             t2 = time.perf_counter()
             cache = build_dynamic_cache(self.model, k, v)  # k/v storage is already in the cache's layout: no copy
