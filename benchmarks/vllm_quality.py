@@ -106,7 +106,8 @@ def _llm(args: argparse.Namespace, connector: bool) -> Any:
             "kv_connector_module_path": "semblend.integration.vllm.connector_v1",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"mode": "prefix", "donor_kv_gpu_bytes": 4 << 30,
-                                          "min_donor_tokens": 64},
+                                          "min_donor_tokens": 64,
+                                          "load_moved_prefix": True},  # the doc_moved layout measures moved loads
         }
     return LLM(**kwargs)
 

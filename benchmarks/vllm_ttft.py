@@ -109,7 +109,7 @@ class Bench:
                 "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                 "kv_connector_extra_config": {
                     "mode": "prefix", "donor_kv_gpu_bytes": int(args.donor_gib * (1 << 30)),
-                    "min_donor_tokens": 256, "max_prompt_tokens": 1 << 17,
+                    "load_moved_prefix": True, "min_donor_tokens": 256, "max_prompt_tokens": 1 << 17,
                 },
             }
         t0 = time.perf_counter()

@@ -38,17 +38,26 @@ class VllmAdapterConfig:
     * ``donor_kv_gpu_bytes`` / ``donor_kv_host_bytes``: capacity of the worker's donor KV store per tier (bytes;
       the host tier is pinned memory). Least recently used donors are evicted first.
     * ``min_donor_tokens``: shortest prompt worth capturing as a donor.
+    * ``load_moved_prefix``: also load a prefix whose first block is *not* context-exact (its KV sat elsewhere in
+      the donor). Off by default: such KV puts mid-document keys where the model expects its attention-sink
+      tokens, and on real weights answers diverge (SmolLM2 in vLLM on the H200: teacher-forced top-1 0.60 vs
+      cold, ``benchmarks/results/vllm_quality_h200.json``). With it off, a moved prefix loads only when the first
+      block is exact, from the donor or from vLLM's own prefix cache.
     """
 
     mode: str = MODE_DISCOVERY_ONLY
     donor_kv_gpu_bytes: int = 2 * _GIB
     donor_kv_host_bytes: int = 0
     min_donor_tokens: int = 64
+    load_moved_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"kv_connector_extra_config.mode={self.mode!r} is not allowed; allowed: "
                               + ", ".join(MODES))
+        if not isinstance(self.load_moved_prefix, bool):
+            raise ConfigError(f"kv_connector_extra_config.load_moved_prefix={self.load_moved_prefix!r} is not "
+                              "allowed; allowed: true, false")
         for name in ("donor_kv_gpu_bytes", "donor_kv_host_bytes", "min_donor_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -68,6 +77,8 @@ def _parse_adapter_value(name: str, value: Any) -> Any:
     if not isinstance(value, str) or name == "mode":
         return value
     text = value.strip().lower()
+    if name == "load_moved_prefix":
+        return {"true": True, "1": True, "false": False, "0": False}.get(text, value)
     try:
         return int(text)
     except ValueError:

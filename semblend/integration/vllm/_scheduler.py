@@ -71,6 +71,7 @@ class DeclineReason:
     PREEMPTED = "preempted"
     ABORTED = "aborted"
     MULTIMODAL_PROMPT = "multimodal_prompt"
+    MOVED_FIRST_BLOCK = "moved_first_block"  # the first block would get KV from elsewhere (load_moved_prefix)
 
 
 @dataclass
@@ -324,6 +325,9 @@ class SchedulerSide:
             d.reason = DeclineReason.NO_REUSABLE_PREFIX
         elif n <= num_local:
             d.reason = DeclineReason.ENGINE_PREFIX_COVERS
+        elif not self.adapter.load_moved_prefix and num_local < self.block_size and segments[0][:2] != (0, 0):
+            # The first block is neither vLLM's own nor context-exact in the donor (VllmAdapterConfig docs).
+            d.reason = DeclineReason.MOVED_FIRST_BLOCK
         else:
             d.donor_id = plan.donor_of(plan.spans[0])
             resident = self._resident.get((st.namespace.key, d.donor_id))

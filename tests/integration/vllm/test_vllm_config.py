@@ -42,6 +42,12 @@ def test_mode_prefix_and_core_keys_are_split():
     assert core.min_similarity == 0.7 and core.discovery_only is False
 
 
+def test_load_moved_prefix_is_off_by_default_and_parses_env_style_strings():
+    assert parse_extra_config({}, environ={})[0].load_moved_prefix is False
+    assert parse_extra_config({"load_moved_prefix": "true"}, environ={})[0].load_moved_prefix is True
+    assert parse_extra_config({"load_moved_prefix": False}, environ={})[0].load_moved_prefix is False
+
+
 def test_env_is_the_base_and_extra_config_wins():
     _, core = parse_extra_config({"min_similarity": 0.8}, environ={"SEMBLEND_MIN_SIMILARITY": "0.5",
                                                                     "SEMBLEND_CHUNK_SIZE": "32"})
@@ -53,6 +59,7 @@ def test_env_is_the_base_and_extra_config_wins():
     ({"mode": "blend"}, r"mode='blend' is not allowed; allowed: discovery_only, prefix"),
     ({"donor_kv_gpu_bytes": -1}, r"donor_kv_gpu_bytes=-1"),
     ({"mode": "prefix", "discovery_only": True}, r"discovery_only=True but mode='prefix'"),
+    ({"load_moved_prefix": "maybe"}, r"load_moved_prefix='maybe' is not allowed; allowed: true, false"),
 ])
 def test_bad_keys_fail_naming_what_is_allowed(extra, match):
     with pytest.raises(ConfigError, match=match) as info:

@@ -22,8 +22,13 @@ def model_dir(tmp_path_factory):
     return H.write_model_dir(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
+# These tests move a donor's document to the target's start to exercise RoPE-shifted loads, so they opt in to
+# moved prefixes (off by default: see test_vllm_scheduler_side.py::test_a_moved_first_block_is_declined...).
+MOVED = {"load_moved_prefix": True}
+
+
 def prefix_engine(model_dir, num_blocks=256, **kw):
-    cfg = H.make_vllm_config(model_dir, mode="prefix", extra={"min_donor_tokens": 32}, **kw)
+    cfg = H.make_vllm_config(model_dir, mode="prefix", extra={"min_donor_tokens": 32, **MOVED}, **kw)
     return H.Engine(cfg, num_blocks=num_blocks)
 
 
@@ -71,13 +76,13 @@ def local_hit(eng, tokens):
 
 # ------------------------------------------------------------------------------------------------ start-up
 def test_unknown_extra_key_fails_at_startup_naming_allowed_keys(model_dir):
-    cfg = H.make_vllm_config(model_dir, mode="prefix", extra={"min_similarty": 0.7})
+    cfg = H.make_vllm_config(model_dir, mode="prefix", extra={"min_similarty": 0.7, **MOVED})
     with pytest.raises(ValueError, match=r"min_similarty.*allowed: .*min_similarity.*adapter keys: mode"):
         H.make_scheduler(cfg)
 
 
 def test_prefix_mode_requires_recompute_policy(model_dir):
-    cfg = H.make_vllm_config(model_dir, mode="prefix", kv_load_failure_policy="fail")
+    cfg = H.make_vllm_config(model_dir, mode="prefix", extra=MOVED, kv_load_failure_policy="fail")
     with pytest.raises(ValueError, match="kv_load_failure_policy='recompute'"):
         H.make_scheduler(cfg)
 
@@ -403,7 +408,7 @@ def test_non_strict_prefix_loads_each_span_with_its_own_shift(model_dir):
     other donor tokens (rel err 1.40 on the H200)."""
     X, D1, Y, D2 = H.tokens(21, 64), H.tokens(22, 96), H.tokens(23, 32), H.tokens(24, 96)
     cfg = H.make_vllm_config(model_dir, mode="prefix",
-                             extra={"min_donor_tokens": 32, "strict_prefix_boundary": False})
+                             extra={"min_donor_tokens": 32, "strict_prefix_boundary": False, **MOVED})
     eng = with_donor(H.Engine(cfg), X + D1 + Y + D2)
     target = D1 + D2 + Q
     eng.add(H.make_request(target, req_id="target"))

@@ -33,9 +33,12 @@ def request(req_id, tokens):
                            num_computed_tokens=0)
 
 
-def side(num_workers=1, rope_exact=True, mode="prefix"):
+def side(num_workers=1, rope_exact=True, mode="prefix", load_moved_prefix=True):
+    # Most cases here move a donor's document to the target's start (the bookkeeping under test is the same for
+    # any load), so they opt in to moved prefixes; the default is tested on its own below.
     pipe = SemBlendPipeline(SemBlendConfig(discovery_only=(mode == "discovery_only")))
-    s = SchedulerSide(pipe, VllmAdapterConfig(mode=mode, min_donor_tokens=32), NS, block_size=BS,
+    s = SchedulerSide(pipe, VllmAdapterConfig(mode=mode, min_donor_tokens=32, load_moved_prefix=load_moved_prefix),
+                      NS, block_size=BS,
                       rope_exact=rope_exact, kv_signature=SIG, num_workers=num_workers)
     return s
 
@@ -193,3 +196,19 @@ def test_discovery_reports_what_prefix_mode_would_credit_per_request():
     assert window["would_credit_tokens"] == 192
     reasons = {k for k in window["outcomes"] if k.startswith("discovery_only:")}
     assert "discovery_only:no_reusable_prefix" in reasons
+
+
+def test_a_moved_first_block_is_declined_by_default_unless_it_is_exact():
+    """A load whose first block would hold KV from elsewhere in the donor (the attention-sink tokens) is declined
+    before credit: on real weights such hits diverge (top-1 0.60 in vLLM on the H200). A first block that is
+    context-exact in the donor, or already vLLM's own, keeps the load."""
+    s = side(load_moved_prefix=False)
+    capture(s, "donor", A + D, votes=1)
+    t = request("t", D + Q)
+    assert s.get_num_new_matched_tokens(t, 0) == (0, False)
+    s.request_finished(t)
+    assert s.pipeline.stats()["reasons"].get(DeclineReason.MOVED_FIRST_BLOCK) == 1
+    # The same donor for a prompt that starts like it: the first block is context-exact, the load goes ahead.
+    t2 = request("t2", A + D[:128] + Q)
+    assert s.get_num_new_matched_tokens(t2, 0) == (192, False)
+    s.request_finished(t2)

@@ -68,7 +68,8 @@ def make_llm(*, prefix_caching: bool, num_blocks: int = 64, extra: dict | None =
 
     RecordingConnector.reset()
     folder = assets.smollm2_model_dir()
-    config = {"mode": "prefix", "min_donor_tokens": 32, **(extra or {})}
+    # The suite checks moved (shifted) loads on real execution, so it opts in to them (off by default).
+    config = {"mode": "prefix", "min_donor_tokens": 32, "load_moved_prefix": True, **(extra or {})}
     kvt = KVTransferConfig(kv_connector="RecordingConnector", kv_connector_module_path="recording_connector",
                            kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=config)
     return LLM(model=str(folder), dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
