@@ -188,10 +188,12 @@ class WorkerSide:
         self.warm_up()
 
     def warm_up(self) -> None:
-        """Run the fused kernel's load (shifted and shift-free) and capture paths once on scratch tensors with the
-        cache's dtype, device and strides, so the first hit after start-up does not pay its JIT compilation
-        (Triton on CUDA: 0.3-0.7 s inside a request). Indexed layouts use plain torch ops: nothing to warm.
-        Never raises."""
+        """Run the fused kernel's load (shifted and shift-free) and capture paths on scratch tensors with the
+        cache's dtype, device, strides and layer count, so the first hit after start-up does not pay its JIT
+        compilation (Triton on CUDA: 0.3-0.7 s inside a request). Triton compiles one variant per integer
+        argument class (a multiple of 16, or not), so the warm-up covers both classes for the donor length and
+        for the number of tokens moved (a first version that warmed 4 tokens of one layer still compiled inside
+        the first H200 request). Indexed layouts use plain torch ops: nothing to warm. Never raises."""
         import torch
 
         from semblend_core.triton_kernels import rerotate_scatter
@@ -202,21 +204,27 @@ class WorkerSide:
             return
         try:
             (st, sh, _), k_base, v_base = strided
-            n = min(layout.block_size, 4)
-            span = layout.stride_block + max(int(layout.k_offsets.max()) - k_base,
-                                             int(layout.v_offsets.max()) - v_base) + 1
-            shape = (2, layout.num_kv_heads, layout.block_size, layout.head_size)
+            num_layers = len(self.layer_names)
+            most = 33  # the largest donor length below
+            blocks = -(-most // layout.block_size)
+            span = (blocks - 1) * layout.stride_block + layout.stride_block + max(
+                int(layout.k_offsets.max()) - k_base, int(layout.v_offsets.max()) - v_base) + 1
+            shape = (blocks, layout.num_kv_heads, layout.block_size, layout.head_size)
             strides = (layout.stride_block, sh, st, 1)
             k, v = (torch.as_strided(torch.zeros(span, dtype=self._dtype, device=self._device), shape, strides)
                     for _ in range(2))
-            paged = KvCacheView.from_separate(HF_CONTIGUOUS, [k], [v])
-            donor = KvCacheView.from_donor_store(torch.zeros((1, 2, n, layout.num_kv_heads, layout.head_size),
-                                                             dtype=self._dtype, device=self._device))
-            slots = torch.arange(n, dtype=torch.int64, device=self._device)
-            if self.rope is not None:
-                rerotate_scatter(donor, paged, slots, slots, 1, self.rope)
-            rerotate_scatter(donor, paged, slots, slots, 0, self._copy_rope)
-            rerotate_scatter(paged, donor, slots, slots, 0, self._copy_rope, validate_indices=False)
+            paged = KvCacheView.from_separate(HF_CONTIGUOUS, [k] * num_layers, [v] * num_layers)
+            for donor_len in (32, most):
+                donor = KvCacheView.from_donor_store(torch.zeros(
+                    (num_layers, 2, donor_len, layout.num_kv_heads, layout.head_size),
+                    dtype=self._dtype, device=self._device))
+                for moved in (16, 15):
+                    slots = torch.arange(moved, dtype=torch.int64, device=self._device)
+                    if self.rope is not None:
+                        rerotate_scatter(donor, paged, slots, slots, 1, self.rope)
+                    rerotate_scatter(donor, paged, slots, slots, 0, self._copy_rope)
+                slots = torch.arange(donor_len, dtype=torch.int64, device=self._device)
+                rerotate_scatter(paged, donor, slots, slots, 0, self._copy_rope, validate_indices=False)
         except Exception as exc:  # noqa: BLE001 -- warm-up is an optimisation
             logger.warning("SemBlend: kernel warm-up failed (%s: %s)", type(exc).__name__, exc)
 

@@ -208,14 +208,16 @@ def test_evictions_are_reported_after_captures():
 
 def test_register_kv_caches_warms_the_fused_kernel_without_touching_the_cache(monkeypatch):
     """The first shifted hit after start-up paid the Triton JIT (0.3-0.7 s) inside a request: registration now runs
-    every kernel path once (shifted load, copy load, capture) on scratch tensors of the cache's dtype and strides."""
+    every kernel path (shifted load, copy load, capture) on scratch tensors of the cache's dtype, strides and layer
+    count, for donor lengths and token counts on both sides of Triton's multiple-of-16 specialization (warming 4
+    tokens of one layer still left the JIT inside the first request on the H200)."""
     import semblend_core.triton_kernels as tk
 
     calls = []
     real = tk.rerotate_scatter
 
     def recording(src, dst, src_slots, dst_slots, delta, rope, **kw):
-        calls.append((int(delta), str(dst.dtype), dst.device.type))
+        calls.append((int(delta), str(dst.dtype), dst.device.type, dst.num_layers, src_slots.numel()))
         return real(src, dst, src_slots, dst_slots, delta, rope, **kw)
 
     monkeypatch.setattr(tk, "rerotate_scatter", recording)
@@ -223,8 +225,13 @@ def test_register_kv_caches_warms_the_fused_kernel_without_touching_the_cache(mo
     before = {n: t.clone() for n, t in caches.items()}
     worker = WorkerSide(KvTensorStore(device_bytes=1 << 20, device="cpu"), H.rope_spec(), head_size=H.HEAD_SIZE)
     worker.register_kv_caches(caches, probe(caches, H.StandInBackend("content")))
-    assert {d for d, _, _ in calls} == {0, 1} and len(calls) == 3
-    assert all(dt == "torch.float32" and dev == "cpu" for _, dt, dev in calls)
+    assert {c[0] for c in calls} == {0, 1} and len(calls) == 2 * (2 * 2 + 1)
+    assert all(c[1] == "torch.float32" and c[2] == "cpu" and c[3] == len(caches) for c in calls)
+    # per donor length: shifted and copy loads of 16 and 15 tokens, then one capture of the whole donor
+    captures = {c[4] for c in calls[4::5]}
+    loads = {c[4] for i, c in enumerate(calls) if i % 5 != 4}
+    assert {n % 16 == 0 for n in loads} == {True, False}  # tokens moved by a load
+    assert {n % 16 == 0 for n in captures} == {True, False}  # captured donor lengths
     assert all(torch.equal(before[n], t) for n, t in caches.items())
 
 
