@@ -59,7 +59,7 @@ class SemBlendConfig:
     exact_materialization_only: bool = False
     # Recompute policy: first tokens after every seam, budget of deviation-selected tokens, layer policy.
     seam_recompute_tokens: int = 4
-    recompute_budget: float = 0.15
+    recompute_budget: float = 0.0
     bathtub_preset: str = "auto"
     layer_recompute: tuple[float, ...] | None = None
     # Where exported models (ONNX) and converted weights are cached.

@@ -127,7 +127,7 @@ def test_discovery_only_records_evidence_not_reuse_and_adapter_reports_loads():
 
 
 def test_layer_policy_comes_from_model_shape():
-    p = SemBlendPipeline(SemBlendConfig(min_prompt_tokens=8), model_shape=ModelShape(30, "llama"))
+    p = SemBlendPipeline(SemBlendConfig(min_prompt_tokens=8, recompute_budget=0.15), model_shape=ModelShape(30, "llama"))
     p.register_donor("d", doc(1))
     plan = p.plan(np.concatenate([instr(1), doc(1)]))
     assert len(plan.layer_recompute) == 30 and plan.layer_recompute[0] > plan.layer_recompute[15]
