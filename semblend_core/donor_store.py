@@ -27,23 +27,19 @@ Thread safety: one lock guards all state; ``candidates`` and ``nearest`` hold it
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from semblend_core._departures import Departures, EvictionListener, reports_departures
 from semblend_core.alignment import DonorHashes
 from semblend_core.errors import DuplicateDonorError, StoreFullError
 from semblend_core.fingerprint import kgram_hashes, sketch_hashes, winnow_levels
 
 logger = logging.getLogger(__name__)
-
-# Called as listener(namespace_key, donor_id, tokens) for every donor that leaves the store.
-EvictionListener = Callable[[str, str, np.ndarray], None]
 
 _GEN_BITS = 24
 _GEN_MASK = (1 << _GEN_BITS) - 1
@@ -236,18 +232,6 @@ class _AnchorIndex:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
 
-def _reports_departures(method: Callable) -> Callable:
-    """Run a ``DonorStore`` method, then report the donors it evicted to the listeners (outside the lock)."""
-    @functools.wraps(method)
-    def wrapper(self: DonorStore, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            if self._gone:
-                self._report()
-    return wrapper
-
-
 def _valid(packed: np.ndarray, slot_generation: np.ndarray) -> np.ndarray:
     slots = packed >> _GEN_BITS
     return slot_generation[slots] == (packed & _GEN_MASK)
@@ -289,8 +273,7 @@ class DonorStore:
 
             self._ann = create_ann_index(ann_backend, embedding_dim or 0)
         self.evictions = 0
-        self._listeners: list[EvictionListener] = []
-        self._gone: list[tuple[str, str, np.ndarray]] = []  # departures not yet reported to the listeners
+        self._departures = Departures("donor store")  # reported to the listeners outside the lock
         self._doomed: set[int] = set()  # slots removed while pinned: freed on their last unpin
 
     # ----------------------------------------------------------------- lifetime
@@ -298,20 +281,7 @@ class DonorStore:
         """Call ``listener(namespace_key, donor_id, tokens)`` for every donor that leaves the store (LRU eviction
         or ``remove``), outside the store's lock, in departure order. A listener's exception is logged, not
         raised: the store's own state is already consistent."""
-        with self._lock:
-            self._listeners.append(listener)
-
-    def _report(self) -> None:
-        """Hand pending departures to the listeners. Call without holding the lock."""
-        with self._lock:
-            gone, self._gone = self._gone, []
-            listeners = list(self._listeners)
-        for ns_key, donor_id, tokens in gone:
-            for listener in listeners:
-                try:
-                    listener(ns_key, donor_id, tokens)
-                except Exception:  # noqa: BLE001 - a listener must not break registration
-                    logger.warning("donor store: eviction listener failed for %s", donor_id, exc_info=True)
+        self._departures.add_listener(listener)
 
     def keys(self, namespace_key: str | None = None) -> list[tuple[str, str]]:
         """Registered ``(namespace_key, donor_id)`` pairs, least recently used first, optionally of one namespace."""
@@ -323,7 +293,7 @@ class DonorStore:
         with self._lock:
             return len(self._lru)
 
-    @_reports_departures
+    @reports_departures
     def register(self, donor_id: str, tokens: np.ndarray, namespace_key: str, text: str | None = None,
                  embedding: np.ndarray | None = None) -> DonorRecord:
         """Add a donor (tokens validated by the caller). Re-registering identical tokens refreshes its LRU position;
@@ -411,7 +381,7 @@ class DonorStore:
         else:
             self._free.append(slot)
         if rec is not None:
-            self._gone.append((rec.namespace_key, rec.donor_id, rec.tokens))
+            self._departures.record(rec.namespace_key, rec.donor_id, rec.tokens)
             index = self._indexes.get(rec.namespace_key)
             if index is not None:
                 index.stale += rec.sketch_size
@@ -419,7 +389,7 @@ class DonorStore:
                 if index.stale > max(4096, index.live):
                     index.compact(self._slot_generation)
 
-    @_reports_departures
+    @reports_departures
     def remove(self, donor_id: str, namespace_key: str, *, tokens: np.ndarray | None = None,
                force: bool = False) -> bool:
         """Forget a donor (reported to the eviction listeners); False when it is not registered.

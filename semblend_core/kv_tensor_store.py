@@ -36,17 +36,17 @@ Needs torch (the ``gpu`` extra); runs on CPU only, where pinned memory and strea
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from semblend_core._compat import require
+from semblend_core._departures import Departures, EvictionListener, reports_departures
 from semblend_core._logging import warning_once
 from semblend_core.errors import DuplicateDonorError, SemBlendError, StoreFullError
 
@@ -154,18 +154,6 @@ class _Entry:
         return DonorKv(self.ns_key, self.donor_id, self.kv, self.token_ids, self.tier, self.ready)
 
 
-def _reports_departures(method: Callable) -> Callable:
-    """Run a ``KvTensorStore`` method, then report the entries it removed to the listeners (outside the lock)."""
-    @functools.wraps(method)
-    def wrapper(self: KvTensorStore, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            if self._gone:
-                self._report()
-    return wrapper
-
-
 def _stack_kv(kv: Any, num_tokens: int) -> Any:
     """Normalize to one ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` tensor (stacked input kept as is)."""
     if isinstance(kv, torch.Tensor):
@@ -225,25 +213,12 @@ class KvTensorStore:
         self._inflight: list[_Entry] = []
         self._side_stream = None
         self._counters = {"hits": 0, "misses": 0, "evictions": 0, "demotions": 0, "promotions": 0}
-        self._listeners: list[Callable[[str, str, np.ndarray], None]] = []
-        self._gone: list[tuple[str, str, np.ndarray]] = []  # departures not yet reported to the listeners
+        self._departures = Departures("kv store")  # reported to the listeners outside the lock
 
-    def add_eviction_listener(self, listener: Callable[[str, str, np.ndarray], None]) -> None:
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
         """Call ``listener(ns_key, donor_id, token_ids)`` for every entry that leaves the store (dropped to make
         room, or evicted), outside the store's lock. A listener's exception is logged, never raised."""
-        with self._lock:
-            self._listeners.append(listener)
-
-    def _report(self) -> None:
-        with self._lock:
-            gone, self._gone = self._gone, []
-            listeners = list(self._listeners)
-        for ns_key, donor_id, token_ids in gone:
-            for listener in listeners:
-                try:
-                    listener(ns_key, donor_id, token_ids)
-                except Exception:  # noqa: BLE001 - the store's own state is already consistent
-                    logger.warning("kv store: eviction listener failed for %s", donor_id, exc_info=True)
+        self._departures.add_listener(listener)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -251,7 +226,7 @@ class KvTensorStore:
         """Device of the fast tier, or None when there is none."""
         return self._device
 
-    @_reports_departures
+    @reports_departures
     def put(self, ns_key: str, donor_id: str, kv: Any, token_ids: Any, *, tier: str | None = None) -> str:
         """Store one donor's KV; return the tier it landed in (``"device"`` or ``"host"``).
 
@@ -341,15 +316,14 @@ class KvTensorStore:
             except BaseException:
                 self._release(entry)
                 raise
-        if self._gone:  # promotion may have dropped device entries the host tier had no room for
-            self._report()
+        self._departures.flush()  # promotion may have dropped device entries the host tier had no room for
         try:
             yield handle
         finally:
             with self._lock:
                 self._release(entry)
 
-    @_reports_departures
+    @reports_departures
     def evict(self, ns_key: str, donor_id: str, *, token_ids: Any = None) -> bool:
         """Remove one donor's KV. A leased entry disappears from lookups now and is freed on its last release.
         ``token_ids``: evict only an entry holding exactly these tokens (retiring one donor must not take another
@@ -364,13 +338,13 @@ class KvTensorStore:
                 entry.doomed = True
                 del self._index[(ns_key, donor_id)]
                 self._lru[entry.tier].pop((ns_key, donor_id), None)
-                self._gone.append((ns_key, donor_id, entry.token_ids))
+                self._departures.record(ns_key, donor_id, entry.token_ids)
             else:
                 self._drop(entry)
             self._counters["evictions"] += 1
             return True
 
-    @_reports_departures
+    @reports_departures
     def evict_namespace(self, ns_key: str) -> int:
         """Evict every donor of one namespace (same lease rules as :meth:`evict`); return how many."""
         with self._lock:
@@ -412,7 +386,7 @@ class KvTensorStore:
         key = (entry.ns_key, entry.donor_id)
         if self._index.get(key) is entry:
             del self._index[key]
-            self._gone.append((entry.ns_key, entry.donor_id, entry.token_ids))
+            self._departures.record(entry.ns_key, entry.donor_id, entry.token_ids)
         if self._lru[entry.tier].get(key) is entry:
             del self._lru[entry.tier][key]
         self._used[entry.tier] -= entry.nbytes
