@@ -13,35 +13,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from semblend.assets import tiny_llama_config
+from tiny_models import VOCAB, ByteTokenizer, tiny_llama
+
 from semblend.integration.transformers import EngineOptions, SemBlendEngine
 from semblend.integration.transformers import engine as engine_mod
 from semblend_core import SemBlendConfig
 from semblend_core.kv_tensor_store import KvTensorStore
 from semblend_core.pipeline import SemBlendPipeline
 
-VOCAB = 256
 N = 96
-
-
-class ByteTokenizer:
-    eos_token_id = 2
-    pad_token_id = 0
-    name_or_path = "bytes"
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (b % (VOCAB - 3)) for b in text.encode()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(num_layers=4, vocab_size=VOCAB)).eval()
+    return tiny_llama(num_layers=4)
 
 
 CFG = SemBlendConfig(min_prompt_tokens=16, chunk_size=16, recompute_budget=0.0, max_donors=2)

@@ -13,35 +13,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tiny_models import VOCAB, ByteTokenizer, tiny_llama
+
 from semblend.assets import tiny_llama_config
 from semblend.integration.transformers import EngineOptions, GenerationResult, SemBlendEngine
 from semblend.integration.transformers.blend import assemble_kv, model_support
 from semblend_core import CacheNamespace, SemanticKvPlan, SemBlendConfig, Span
 from semblend_core.bathtub import ModelShape, layer_recompute_policy
 
-VOCAB = 256
-
-
-class ByteTokenizer:
-    """Minimal tokenizer: one id per byte (offset past the special ids)."""
-
-    eos_token_id = 2
-    pad_token_id = 0
-    name_or_path = "bytes"
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (b % (VOCAB - 3)) for b in text.encode()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return bytes((int(i) - 3) % 256 for i in ids if int(i) >= 3).decode("latin-1")
-
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM(tiny_llama_config(num_layers=4, vocab_size=VOCAB)).eval()
+    return tiny_llama(num_layers=4)
 
 
 def rand_ids(n, seed):

@@ -12,13 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tiny_models import VOCAB, ByteTokenizer
+
 from semblend.integration.transformers import EngineOptions, SemBlendEngine
 from semblend.integration.transformers import engine as engine_mod
 from semblend.integration.transformers.blend import model_support
 from semblend_core import SemBlendConfig
 from semblend_core import model_support as ms
 
-VOCAB = 256
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
             eos_token_id=2, pad_token_id=0)
@@ -33,18 +34,6 @@ DECLINED = {
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 32},
 }
-
-
-class ByteTokenizer:
-    eos_token_id = 2
-    pad_token_id = 0
-    name_or_path = "bytes"
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (b % (VOCAB - 3)) for b in text.encode()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
 
 
 def tiny(model_type, **extra):

@@ -12,33 +12,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from semblend.assets import tiny_llama_config
+from tiny_models import VOCAB, ByteTokenizer, tiny_llama
+
 from semblend.integration.transformers import EngineOptions, SemBlendEngine
 from semblend.integration.transformers.blend import assemble_kv
 from semblend.integration.transformers.engine import spans_mismatching_donor_tokens
 from semblend_core import SemBlendConfig
 
-VOCAB = 256
-
-
-class ByteTokenizer:
-    eos_token_id = 2
-    pad_token_id = 0
-    name_or_path = "bytes"
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (b % (VOCAB - 3)) for b in text.encode()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return bytes((int(i) - 3) % 256 for i in ids if int(i) >= 3).decode("latin-1")
-
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM(tiny_llama_config(num_layers=4, vocab_size=VOCAB)).eval()
+    return tiny_llama(num_layers=4)
 
 
 def ids(n, seed):

@@ -11,33 +11,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from semblend.assets import tiny_llama_config
+from tiny_models import VOCAB, ByteTokenizer, tiny_llama
+
 from semblend.integration.transformers import EngineOptions, SemBlendEngine
 from semblend_core import CacheNamespace, SemanticKvPlan, SemBlendConfig, Span
 from semblend_core.recompute import SelectionStrategy
 
-VOCAB = 256
 LAYERS = 4
-
-
-class ByteTokenizer:
-    eos_token_id = 2
-    pad_token_id = 0
-    name_or_path = "bytes"
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + (b % (VOCAB - 3)) for b in text.encode()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM(tiny_llama_config(num_layers=LAYERS, vocab_size=VOCAB)).eval()
+    return tiny_llama(num_layers=LAYERS)
 
 
 def rand_ids(n, seed):
