@@ -228,7 +228,8 @@ class SemBlendRadixCache(RadixCache):
         if self.decline_all is not None:
             self._record(plan, Outcome.DECLINED, self.decline_all)
             return result
-        load = prefix_load(plan, exact, len(key), self.page_size, rope_exact=self.rope is not None)
+        load = prefix_load(plan, exact, len(key), self.page_size, rope_exact=self.rope is not None,
+                           load_moved_prefix=self.adapter.load_moved_prefix)
         if isinstance(load, str):
             self._record(plan, Outcome.EXACT if load == DeclineReason.ENGINE_PREFIX_COVERS else Outcome.DECLINED,
                          load)

@@ -45,6 +45,9 @@ class SglangAdapterConfig:
       donor's radix-tree nodes were evicted; 0 disables it (donors are then served only from SGLang's own pool).
     * ``register_donors``: make finished prompts donors.
     * ``min_donor_tokens``: shortest prompt worth registering.
+    * ``load_moved_prefix``: also serve a prefix whose first tokens are not context-exact (the donor had a
+      preamble). Off by default, as in the vLLM connector: such KV sits where the model keeps its attention sinks
+      and answers diverge on real weights (``semblend.integration.sglang._load.SINK_TOKENS``).
     * ``kv_probe_dir``: verification aid, off by default. When set, the backend writes layer 0's K/V of every load
       it serves (``load-<rid>.pt``: the slots after the copy, i.e. what the forward reads) and of every donor it
       registers (``donor-<rid>.pt``) to this folder, so a test can compare served KV with SGLang's own fresh
@@ -55,6 +58,7 @@ class SglangAdapterConfig:
     host_tier_bytes: int = 1 * _GIB
     register_donors: bool = True
     min_donor_tokens: int = 64
+    load_moved_prefix: bool = False
     kv_probe_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -66,6 +70,9 @@ class SglangAdapterConfig:
                 raise ConfigError(f"{CONFIG_ENV}.{name}={value!r} is not allowed; allowed: a non-negative integer")
         if not isinstance(self.kv_probe_dir, str):
             raise ConfigError(f"{CONFIG_ENV}.kv_probe_dir={self.kv_probe_dir!r} is not allowed; allowed: a folder path")
+        if not isinstance(self.load_moved_prefix, bool):
+            raise ConfigError(f"{CONFIG_ENV}.load_moved_prefix={self.load_moved_prefix!r} is not allowed; "
+                              "allowed: true or false")
         if not isinstance(self.register_donors, bool):
             raise ConfigError(f"{CONFIG_ENV}.register_donors={self.register_donors!r} is not allowed; "
                               "allowed: true or false")
@@ -83,7 +90,7 @@ def _parse_adapter_value(name: str, value: Any) -> Any:
     if not isinstance(value, str) or name in ("mode", "kv_probe_dir"):
         return value
     text = value.strip().lower()
-    if name == "register_donors":
+    if name in ("register_donors", "load_moved_prefix"):
         return {"1": True, "true": True, "yes": True, "on": True,
                 "0": False, "false": False, "no": False, "off": False}.get(text, value)
     try:

@@ -31,6 +31,14 @@ class DeclineReason:
     ABORTED_BEFORE_ADMISSION = "aborted_before_admission"
     RESET = "reset"                                # the tree was flushed while the load waited for admission
     REMATCHED = "rematched"                        # a later match of the same request replaced the load
+    MOVED_FIRST_BLOCK = "moved_first_block"        # the first tokens would get KV from elsewhere in the donor
+
+
+# A load must leave the prompt's first tokens context-exact (SGLang's own, or the donor's at delta 0) unless
+# load_moved_prefix: they are the model's attention sinks, and moved KV there makes answers diverge (SmolLM2 on
+# real vLLM: teacher-forced top-1 0.60 vs cold; 0.955 once the first 16 tokens are exact,
+# benchmarks/results/vllm_quality_h200.json and vllm_quality_cpu_reference.json).
+SINK_TOKENS = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,14 +62,15 @@ class PrefixLoad:
         return bool(np.any(self.deltas != 0))
 
 
-def prefix_load(plan: SemanticKvPlan, exact: int, limit: int, page_size: int, *, rope_exact: bool
-                ) -> PrefixLoad | str:
+def prefix_load(plan: SemanticKvPlan, exact: int, limit: int, page_size: int, *, rope_exact: bool,
+                load_moved_prefix: bool = False) -> PrefixLoad | str:
     """The load for ``plan`` beyond SGLang's ``exact`` matched tokens, or the reason to decline.
 
     ``limit``: most prompt tokens SGLang lets a prefix cover (its match key's length: the last prompt token always
     runs). ``page_size``: SGLang's page size; the load ends on a page boundary (``exact`` is one already).
     ``rope_exact``: whether the model's keys can be re-rotated exactly (shift-free loads are allowed regardless).
-    Pure.
+    ``load_moved_prefix``: see :data:`SINK_TOKENS`. All loaded tokens come from the first span's donor (the
+    plan's prefix view stops where the donor changes). Pure.
     """
     if not plan.is_hit or not plan.spans:
         return plan.reason
@@ -73,12 +82,16 @@ def prefix_load(plan: SemanticKvPlan, exact: int, limit: int, page_size: int, *,
         return DeclineReason.NO_REUSABLE_PREFIX
     if end <= exact:
         return DeclineReason.ENGINE_PREFIX_COVERS
+    first = plan.spans[0]
+    if not load_moved_prefix and exact < SINK_TOKENS and not first.context_exact:
+        return DeclineReason.MOVED_FIRST_BLOCK
+    donor = plan.donor_of(first)
     donor_pos: list[np.ndarray] = []
     deltas: list[np.ndarray] = []
     covered = 0
     context_exact = True
     for span in plan.spans:  # contiguous from 0 (prefix_reusable_tokens checked it); clip to [exact, end)
-        if span.target_start != covered or covered >= end:
+        if span.target_start != covered or covered >= end or plan.donor_of(span) != donor:
             break
         lo, hi = max(span.target_start, exact), min(span.target_end, end)
         if lo < hi:
@@ -92,4 +105,4 @@ def prefix_load(plan: SemanticKvPlan, exact: int, limit: int, page_size: int, *,
     delta_arr = np.concatenate(deltas)
     if np.any(delta_arr != 0) and not rope_exact:
         return DeclineReason.ROPE_NOT_SHIFT_INVARIANT
-    return PrefixLoad(str(plan.donor_id), int(exact), int(end - exact), positions, delta_arr, context_exact)
+    return PrefixLoad(str(donor), int(exact), int(end - exact), positions, delta_arr, context_exact)

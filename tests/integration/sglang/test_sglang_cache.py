@@ -31,9 +31,13 @@ ROPE = rope_spec_from_config({"model_type": "llama", "rope_theta": 10000.0, "hea
 INSTR, DOC, Q1, Q2 = h.random_tokens(30, 1), h.random_tokens(120, 2), h.random_tokens(20, 3), h.random_tokens(20, 4)
 
 
-def make_tree(pools: h.Pools, *, host_bytes: int = 0, mode: str = "prefix", rope=ROPE) -> SemBlendRadixCache:
+def make_tree(pools: h.Pools, *, host_bytes: int = 0, mode: str = "prefix", rope=ROPE,
+              load_moved_prefix: bool = True) -> SemBlendRadixCache:
+    # Most cases move a donor's document to the target's start (the slot bookkeeping under test is the same for
+    # any load), so they opt in to moved prefixes; the default is tested on its own.
     cfg = SemBlendConfig(min_prompt_tokens=16, chunk_size=16)
-    adapter = SglangAdapterConfig(mode=mode, host_tier_bytes=host_bytes, min_donor_tokens=16)
+    adapter = SglangAdapterConfig(mode=mode, host_tier_bytes=host_bytes, min_donor_tokens=16,
+                                  load_moved_prefix=load_moved_prefix)
     store = KvTensorStore(device_bytes=0, host_bytes=host_bytes) if host_bytes else None
     return SemBlendRadixCache(pools.params(), pipeline=SemBlendPipeline(cfg), adapter=adapter,
                               namespace=CacheNamespace(model="test"), rope=rope, host_store=store)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from semblend.integration.sglang import CONFIG_ENV, DeclineReason, parse_config, prefix_load
+from semblend.integration.sglang._load import SINK_TOKENS
 from semblend.integration.sglang._config import base_namespace, request_namespace
 from semblend.integration.sglang.launch import split_args
 from semblend_core import CacheNamespace, ConfigError
@@ -115,11 +116,34 @@ def test_context_exact_prefix_beyond_exact_match():
 
 def test_shifted_prefix_needs_exact_rope():
     plan = _plan([Span(30, 0, 120)])
-    assert prefix_load(plan, 0, 199, 1, rope_exact=False) == DeclineReason.ROPE_NOT_SHIFT_INVARIANT
-    load = prefix_load(plan, 0, 199, 1, rope_exact=True)
+    assert prefix_load(plan, 0, 199, 1, rope_exact=False, load_moved_prefix=True) == \
+        DeclineReason.ROPE_NOT_SHIFT_INVARIANT
+    load = prefix_load(plan, 0, 199, 1, rope_exact=True, load_moved_prefix=True)
     assert not isinstance(load, str)
     assert np.array_equal(load.donor_positions, np.arange(30, 150)) and set(load.deltas.tolist()) == {-30}
     assert not load.context_exact and load.donor_tokens_needed == 150
+
+
+def test_a_moved_first_block_is_declined_by_default_unless_sglang_holds_it():
+    """Moved KV in the prompt's first tokens (the attention sinks) makes answers diverge on real weights, so by
+    default such a load is declined before anything is allocated; once SGLang's own exact match covers the first
+    SINK_TOKENS, the rest may be served moved."""
+    plan = _plan([Span(30, 0, 120)])
+    assert prefix_load(plan, 0, 199, 1, rope_exact=True) == DeclineReason.MOVED_FIRST_BLOCK
+    assert prefix_load(plan, SINK_TOKENS - 1, 199, 1, rope_exact=True) == DeclineReason.MOVED_FIRST_BLOCK
+    load = prefix_load(plan, SINK_TOKENS, 199, 1, rope_exact=True)
+    assert not isinstance(load, str) and load.exact == SINK_TOKENS and set(load.deltas.tolist()) == {-30}
+
+
+def test_a_multi_donor_prefix_reads_only_the_first_spans_donor():
+    """The prefix may start with a span of a donor other than the plan's main one: the load names that donor and
+    stops where the donor changes (reading it from the main donor would serve another prompt's KV)."""
+    plan = SemanticKvPlan(True, Reason.HIT, 200, CacheNamespace(), donor_id="main", donor_len=300,
+                          spans=(Span(0, 0, 40, donor_id="other"), Span(40, 40, 100, donor_id="main")),
+                          strict_prefix_boundary=False)
+    load = prefix_load(plan, 0, 199, 1, rope_exact=True)
+    assert not isinstance(load, str)
+    assert load.donor_id == "other" and load.num_tokens == 40 and load.context_exact
 
 
 def test_prefix_across_seams_when_not_strict_has_per_span_deltas():

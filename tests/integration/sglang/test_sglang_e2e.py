@@ -76,6 +76,7 @@ def engine(model_dir, tmp_path_factory):
     probe = tmp_path_factory.mktemp("kv_probe")
     env = {
         "SEMBLEND_SGLANG_CONFIG": json.dumps({"mode": "prefix", "host_tier_bytes": 64 << 20, "min_donor_tokens": 32,
+                                              "load_moved_prefix": True,  # the shifted hit is checked too
                                               "kv_probe_dir": str(probe)}),
         "SEMBLEND_MIN_PROMPT_TOKENS": "32",
         "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",
