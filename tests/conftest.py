@@ -4,6 +4,8 @@
 * ``engine_vllm`` / ``engine_sglang``: need the engine importable (CI runs them in cached engine environments).
 * ``engine_trtllm``: needs TensorRT-LLM importable (it cannot be installed on these machines).
 * ``slow``: real models or large data; run by default, skipped with ``--fast``.
+
+Shared fixture: ``smollm2``, the real SmolLM2-135M-Instruct weights, loaded once per session.
 """
 
 from __future__ import annotations
@@ -49,3 +51,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="tensorrt_llm not installed (not installable here)"))
         if "slow" in item.keywords and config.getoption("--fast"):
             item.add_marker(pytest.mark.skip(reason="--fast given"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of real SmolLM2-135M-Instruct weights (offline GGUF asset), loaded once per test
+    session and shared read-only by every module that needs them; skips when the asset is not installed."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    import torch
+
+    from semblend import assets
+    from semblend_core.errors import MissingDependencyError
+
+    try:
+        assets.smollm2_gguf_path()
+    except MissingDependencyError as exc:
+        pytest.skip(str(exc))
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    return assets.load_smollm2()

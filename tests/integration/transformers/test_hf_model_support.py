@@ -150,15 +150,8 @@ def test_self_check_runs_once_per_model(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_passes_the_self_check_on_real_weights():
-    from semblend import assets
-    from semblend_core.errors import MissingDependencyError
-
-    try:
-        assets.smollm2_gguf_path()
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
-    model, tok = assets.load_smollm2()
+def test_smollm2_passes_the_self_check_on_real_weights(smollm2):
+    model, tok = smollm2
     eng = SemBlendEngine(model, tok, SemBlendConfig())
     assert eng.supported, (eng.unsupported_reason, dict(eng.self_check_report))
     assert eng.self_check_report["exact_prefix_logits"] < eng.self_check_report["tolerance"]

@@ -15,7 +15,6 @@ pytest.importorskip("aclsum")
 from semblend import assets
 from semblend.integration.transformers import EngineOptions, SemBlendEngine
 from semblend_core import SemBlendConfig
-from semblend_core.errors import MissingDependencyError
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +26,6 @@ CONFIG = SemBlendConfig(recompute_budget=0.3, bathtub_preset="flat")
 # Cold top-1 vs top-2 log-probability gap below which the first token is a near-tie: any perturbation (even a
 # different matmul order) may flip it, so those prompts only count towards the KL checks.
 NEAR_TIE_NATS = 0.1
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        assets.smollm2_gguf_path()
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    return assets.load_smollm2()
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,14 @@ pytest.importorskip("aclsum")
 from semblend import assets
 from semblend.integration.transformers import EngineOptions, SemBlendEngine
 from semblend_core import SemBlendConfig
-from semblend_core.errors import MissingDependencyError
 from semblend_core.recompute import SelectionStrategy
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def case():
-    try:
-        assets.smollm2_gguf_path()
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
-    model, tok = assets.load_smollm2()
+def case(smollm2):
+    model, tok = smollm2
     paper = assets.load_aclsum("test", n=1)[0]
     text = paper.text(max_words=200)
     donor, target = (assets.paper_prompt(tok, text, ins) for ins in assets.INSTRUCTION_PHRASINGS[:2])

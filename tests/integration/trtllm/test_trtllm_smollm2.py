@@ -28,20 +28,9 @@ import trtllm_standins as S
 from semblend import assets
 from semblend.integration.vllm._metadata import LoadSpec, StepPlan
 from semblend_core import SemBlendConfig, SemBlendPipeline
-from semblend_core.errors import MissingDependencyError
 
 pytestmark = pytest.mark.slow
 T = 16
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        assets.smollm2_gguf_path()
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    return assets.load_smollm2()
 
 
 @pytest.fixture(scope="module")
