@@ -61,6 +61,7 @@ class Reason:
     ROPE_NOT_SHIFT_INVARIANT = "rope_not_shift_invariant"
     INTERNAL_ERROR = "internal_error"
     DONOR_KV_MISMATCH = "donor_kv_mismatch"  # adapter: the KV entry's tokens differ from the plan's on a span
+    MOVED_FIRST_BLOCK = "moved_first_block"  # adapter: the prompt's first tokens would get moved KV (SINK_TOKENS)
 
 
 @dataclass(frozen=True, order=True)
@@ -116,6 +117,13 @@ class PlanTimings:
     alignment_s: float = 0.0
     total_s: float = 0.0
     multi_donor_s: float = 0.0  # part of alignment_s: finding and aligning further donors for uncovered regions
+
+
+# A prefix-only adapter must leave the prompt's first tokens context-exact (the engine's own, or the donor's at
+# delta 0) unless the deployment opts in: they are the model's attention sinks, and moved KV there makes answers
+# diverge (SmolLM2 in real vLLM: teacher-forced top-1 0.60 vs cold; 0.955 once the first 16 tokens are exact,
+# benchmarks/results/vllm_quality_h200.json and vllm_quality_cpu_reference.json).
+SINK_TOKENS = 16
 
 
 def _ranges_to_positions(ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -234,6 +242,12 @@ class SemanticKvPlan:
             covered = span.target_end
         covered = min(covered, self.target_len - 1)
         return max(0, (covered // block_size) * block_size)
+
+    def moves_sink_tokens(self, engine_prefix_tokens: int, sink_tokens: int = SINK_TOKENS) -> bool:
+        """True when reusing this plan's prefix would put KV from elsewhere in a donor into the prompt's first
+        ``sink_tokens`` positions: the first span is not context-exact and the engine's own exact prefix covers
+        fewer than ``sink_tokens``. Adapters then decline with ``Reason.MOVED_FIRST_BLOCK`` (see SINK_TOKENS)."""
+        return bool(self.spans) and not self.spans[0].context_exact and engine_prefix_tokens < sink_tokens
 
     def detail(self, key: str, default: Any = None) -> Any:
         for k, v in self.details:

@@ -47,7 +47,7 @@ class SglangAdapterConfig:
     * ``min_donor_tokens``: shortest prompt worth registering.
     * ``load_moved_prefix``: also serve a prefix whose first tokens are not context-exact (the donor had a
       preamble). Off by default, as in the vLLM connector: such KV sits where the model keeps its attention sinks
-      and answers diverge on real weights (``semblend.integration.sglang._load.SINK_TOKENS``).
+      and answers diverge on real weights (``semblend_core.plan.SINK_TOKENS``).
     * ``kv_probe_dir``: verification aid, off by default. When set, the backend writes layer 0's K/V of every load
       it serves (``load-<rid>.pt``: the slots after the copy, i.e. what the forward reads) and of every donor it
       registers (``donor-<rid>.pt``) to this folder, so a test can compare served KV with SGLang's own fresh

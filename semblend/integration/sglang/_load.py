@@ -31,14 +31,7 @@ class DeclineReason:
     ABORTED_BEFORE_ADMISSION = "aborted_before_admission"
     RESET = "reset"                                # the tree was flushed while the load waited for admission
     REMATCHED = "rematched"                        # a later match of the same request replaced the load
-    MOVED_FIRST_BLOCK = "moved_first_block"        # the first tokens would get KV from elsewhere in the donor
-
-
-# A load must leave the prompt's first tokens context-exact (SGLang's own, or the donor's at delta 0) unless
-# load_moved_prefix: they are the model's attention sinks, and moved KV there makes answers diverge (SmolLM2 on
-# real vLLM: teacher-forced top-1 0.60 vs cold; 0.955 once the first 16 tokens are exact,
-# benchmarks/results/vllm_quality_h200.json and vllm_quality_cpu_reference.json).
-SINK_TOKENS = 16
+    MOVED_FIRST_BLOCK = Reason.MOVED_FIRST_BLOCK   # the first tokens would get KV from elsewhere in the donor
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,7 +62,7 @@ def prefix_load(plan: SemanticKvPlan, exact: int, limit: int, page_size: int, *,
     ``limit``: most prompt tokens SGLang lets a prefix cover (its match key's length: the last prompt token always
     runs). ``page_size``: SGLang's page size; the load ends on a page boundary (``exact`` is one already).
     ``rope_exact``: whether the model's keys can be re-rotated exactly (shift-free loads are allowed regardless).
-    ``load_moved_prefix``: see :data:`SINK_TOKENS`. All loaded tokens come from the first span's donor (the
+    ``load_moved_prefix``: see :data:`semblend_core.plan.SINK_TOKENS`. All loaded tokens come from the first span's donor (the
     plan's prefix view stops where the donor changes). Pure.
     """
     if not plan.is_hit or not plan.spans:
@@ -82,10 +75,9 @@ def prefix_load(plan: SemanticKvPlan, exact: int, limit: int, page_size: int, *,
         return DeclineReason.NO_REUSABLE_PREFIX
     if end <= exact:
         return DeclineReason.ENGINE_PREFIX_COVERS
-    first = plan.spans[0]
-    if not load_moved_prefix and exact < SINK_TOKENS and not first.context_exact:
+    if not load_moved_prefix and plan.moves_sink_tokens(exact):
         return DeclineReason.MOVED_FIRST_BLOCK
-    donor = plan.donor_of(first)
+    donor = plan.donor_of(plan.spans[0])
     donor_pos: list[np.ndarray] = []
     deltas: list[np.ndarray] = []
     covered = 0

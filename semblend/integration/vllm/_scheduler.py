@@ -71,7 +71,7 @@ class DeclineReason:
     PREEMPTED = "preempted"
     ABORTED = "aborted"
     MULTIMODAL_PROMPT = "multimodal_prompt"
-    MOVED_FIRST_BLOCK = "moved_first_block"  # the first block would get KV from elsewhere (load_moved_prefix)
+    MOVED_FIRST_BLOCK = Reason.MOVED_FIRST_BLOCK  # the first block would get moved KV (load_moved_prefix)
 
 
 @dataclass
@@ -325,7 +325,7 @@ class SchedulerSide:
             d.reason = DeclineReason.NO_REUSABLE_PREFIX
         elif n <= num_local:
             d.reason = DeclineReason.ENGINE_PREFIX_COVERS
-        elif not self.adapter.load_moved_prefix and num_local < self.block_size and segments[0][:2] != (0, 0):
+        elif not self.adapter.load_moved_prefix and plan.moves_sink_tokens(num_local, self.block_size):
             # The first block is neither vLLM's own nor context-exact in the donor (VllmAdapterConfig docs).
             d.reason = DeclineReason.MOVED_FIRST_BLOCK
         else:

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from semblend.integration.sglang import CONFIG_ENV, DeclineReason, parse_config, prefix_load
-from semblend.integration.sglang._load import SINK_TOKENS
 from semblend.integration.sglang._config import base_namespace, request_namespace
 from semblend.integration.sglang.launch import split_args
 from semblend_core import CacheNamespace, ConfigError
-from semblend_core.plan import Reason, SemanticKvPlan, Span
+from semblend_core.plan import SINK_TOKENS, Reason, SemanticKvPlan, Span
 
 
 # ------------------------------------------------------------------------------------------------ config
