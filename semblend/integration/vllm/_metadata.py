@@ -11,6 +11,7 @@ block_size + t % block_size`` where ``first_block = target_start // block_size``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def _slots(block_ids: tuple[int, ...], block_size: int, start: int, num_tokens: int) -> list[int]:
@@ -49,6 +50,30 @@ class LoadSpec:
 
 
 @dataclass(frozen=True)
+class BlendSpec:
+    """``blend`` mode: fill target tokens ``[0, num_tokens)`` of a request before the forward with the shared
+    blended-prefill executor (``semblend_core.blended_prefill``), then vLLM computes ``[num_tokens, prompt_len)``.
+
+    ``plan`` is the request's ``SemanticKvPlan`` (spans with their donor ids, recompute ranges, layer policy and
+    budget); only spans below ``num_tokens`` are read, each from its own donor entry. ``token_ids`` are the prompt's
+    first ``num_tokens`` tokens (the executor embeds the recomputed ones). ``block_ids`` cover ``[0, num_tokens)``
+    from block 0. The whole range is approximate KV: it never enters vLLM's exact prefix cache and never becomes a
+    donor (the scheduler taints it). A failure reports every block (vLLM recomputes the range).
+    """
+
+    req_id: str
+    namespace_key: str
+    plan: Any
+    token_ids: tuple[int, ...]
+    num_tokens: int
+    block_ids: tuple[int, ...]
+    block_size: int
+
+    def slots(self) -> list[int]:
+        return _slots(self.block_ids, self.block_size, 0, self.num_tokens)
+
+
+@dataclass(frozen=True)
 class SaveSpec:
     """Capture prompt tokens ``[0, num_tokens)`` of a request, held in ``block_ids``, as donor ``donor_id``."""
 
@@ -70,9 +95,10 @@ class StepPlan:
 
     loads: tuple[LoadSpec, ...] = ()
     saves: tuple[SaveSpec, ...] = ()
+    blends: tuple[BlendSpec, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.loads or self.saves)
+        return bool(self.loads or self.saves or self.blends)
 
 
 @dataclass(frozen=True)
