@@ -262,7 +262,8 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
     Args:
         view: the model, through its engine's :class:`BlendModelView`.
         input_ids: LongTensor ``[n]``, the whole prompt (any device; moved to ``k``'s).
-        k, v: ``[num_layers, n, num_kv_heads, head_dim]``, any strides with a unit stride on head_dim (e.g.
+        k, v: ``[num_layers, n, num_kv_heads, head_dim]`` in the view's dtype (attention reads them together with
+            the fresh queries), any strides with a unit stride on head_dim (e.g.
             :func:`assemble_kv`'s result with ``total_len=n``): reused rows hold the re-rotated donor KV, rows
             ``[0, fixed_prefix)`` the engine's final KV. Modified in place: on return every row that was computed
             holds its fresh K/V (with ``logits=True`` that makes ``k``/``v`` the prompt's complete KV).
@@ -284,7 +285,8 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
     ``logits=False``. Running the suffix inside the same loop (instead of the model's forward on the assembled
     cache) reads every weight once per hit, not twice, and halves the kernel launches.
 
-    Raises ValueError for arguments outside these ranges or ``k``/``v`` not ``[view.num_layers, n, ...]``.
+    Raises ValueError for arguments outside these ranges, ``k``/``v`` not ``[view.num_layers, n, ...]``, or
+    ``logits=True`` on a view without an LM head (checked before any work).
     """
     import torch
 
@@ -301,6 +303,8 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
         raise ValueError(f"reuse_len must lie in [1, {total}] with logits=False, got {reuse_len}")
     if not 0 <= fixed_prefix <= reuse_len:
         raise ValueError(f"fixed_prefix must lie in [0, reuse_len={reuse_len}], got {fixed_prefix}")
+    if logits and type(view).logits is BlendModelView.logits:
+        raise ValueError(f"{type(view).__name__} has no LM head: run the executor with logits=False")
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4 or tuple(t.shape[:2]) != (num_layers, total):
             raise ValueError(f"{name} must be [num_layers={num_layers}, n={total}, num_kv_heads, head_dim], "

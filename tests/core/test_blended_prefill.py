@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from semblend.integration.transformers.blend import TransformersModelView, model_support
-from semblend_core.blended_prefill import BlendStats, assemble_kv, run_blended_prefill
+from semblend_core.blended_prefill import BlendModelView, BlendStats, assemble_kv, run_blended_prefill
 from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Reason, SemanticKvPlan, Span
 from semblend_core.recompute import SelectionStrategy
@@ -320,6 +320,17 @@ def test_bad_arguments_raise(llama):
             run_blended_prefill(view, ids, k_ref.clone(), v_ref.clone(), plan, **kwargs)
     with pytest.raises(ValueError, match="num_layers=4, n=80"):
         run_blended_prefill(view, ids, k_ref[:, :-1], v_ref[:, :-1], plan, reuse_len=N - 8)
+
+    class NoHead(TransformersModelView):
+        logits = BlendModelView.logits  # the contract's default: no LM head
+
+    k = k_ref.clone()
+    with pytest.raises(ValueError, match="no LM head"):
+        run_blended_prefill(NoHead(llama), ids, k, v_ref.clone(), plan_of((Span(0, 0, 40),), N), reuse_len=N - 8)
+    assert torch.equal(k, k_ref)  # refused before any work
+    stats, logits = run_blended_prefill(NoHead(llama), ids, k, v_ref.clone(), plan_of((Span(0, 0, 40),), N),
+                                        reuse_len=N, logits=False)
+    assert logits is None and stats.mandatory == N - 40
 
 
 def test_blend_stats_fixed_prefix_defaults_to_zero():
