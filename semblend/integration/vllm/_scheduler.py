@@ -422,7 +422,10 @@ class SchedulerSide:
         a waiting request re-checks its donors' residency on every call)."""
         d = st.decision
         if d is not None and d.num_local == num_local:
-            if d.credit and self._unusable_donors(st.namespace.key, d.blend_plan, num_local, d.end) != ((), ()):
+            if d.credit and self.blend_unavailable:  # a worker reported it cannot blend while the request waited
+                d.credit, d.reason = 0, self.blend_unavailable
+                self._record(st, d.plan, Outcome.DECLINED, d.reason)
+            elif d.credit and self._unusable_donors(st.namespace.key, d.blend_plan, num_local, d.end) != ((), ()):
                 d.credit, d.reason = 0, DeclineReason.DONOR_KV_EVICTED
                 self._record(st, d.plan, Outcome.DECLINED, d.reason)
             return d

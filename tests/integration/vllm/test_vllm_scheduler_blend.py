@@ -243,10 +243,19 @@ def test_tensor_parallel_is_declined_clearly(model_dir):
 
 
 def test_blend_start_up_checks(model_dir):
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
     cfg = H.make_vllm_config(model_dir, mode="blend", extra={"check_layers": [2]})  # the model has 2 layers
     with pytest.raises(ValueError, match=r"check_layers=\[2\] is not allowed for this model: allowed: one layer "
                                          r"in \[0, 1\]"):
         H.make_scheduler(cfg)
+    with pytest.raises(ValueError, match=r"check_layers=\[2\] is not allowed for this model"):  # both roles
+        KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, H.kv_cache_config(BS, 64))
+    worker = KVConnectorFactory.create_connector(
+        H.make_vllm_config(model_dir, mode="blend", extra={"recompute_ratio": 0.3, "check_layers": 0}),
+        KVConnectorRole.WORKER, H.kv_cache_config(BS, 64))
+    assert worker.adapter.check_layer == 0 and worker.core_config.recompute_budget == 0.3
     with pytest.raises(ValueError, match=r"check_layers=\[0, 16, 32\] is not allowed"):
         H.make_scheduler(H.make_vllm_config(model_dir, mode="blend", extra={"check_layers": [0, 16, 32]}))
     with pytest.raises(ValueError, match="mode 'blend' needs kv_load_failure_policy='recompute'"):

@@ -336,11 +336,15 @@ def test_blend_declines_before_credit_with_one_reason_each():
 def test_a_worker_that_cannot_blend_stops_further_credit():
     s = blend_side()
     make_resident(s, "d1", X + D1)
+    waiting = request("w", I + D1 + Q16)
+    assert s.get_num_new_matched_tokens(waiting, 0) == (352, False)  # credited while it waits for a slot
     s.update_connector_output(WorkerReport(blend_unavailable=("self_check_failed:blend_kv",)))
+    assert s.get_num_new_matched_tokens(waiting, 0) == (0, False)   # re-checked before vLLM commits it
     req = request("t", I + D1 + Q16)
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)
-    s.request_finished(req)
-    assert reasons(s).get("self_check_failed:blend_kv") == 1
+    for r in (waiting, req):
+        s.request_finished(r)
+    assert reasons(s).get("self_check_failed:blend_kv") == 2
 
 
 def test_blend_recomputes_sink_tokens_unless_context_exact_or_local():
