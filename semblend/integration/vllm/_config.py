@@ -153,14 +153,15 @@ def _parse_adapter_value(name: str, value: Any) -> Any:
         return value
 
 
-def parse_extra_config(extra: Mapping[str, Any] | None, *, environ: Mapping[str, str] | None = None
-                       ) -> tuple[VllmAdapterConfig, SemBlendConfig]:
+def parse_extra_config(extra: Mapping[str, Any] | None, *, environ: Mapping[str, str] | None = None,
+                       modes: tuple[str, ...] = MODES) -> tuple[VllmAdapterConfig, SemBlendConfig]:
     """Split ``kv_connector_extra_config`` into adapter settings and a validated ``SemBlendConfig``.
 
     Raises :class:`~semblend_core.ConfigError` (a ``ValueError``) for an unknown key or a bad value, naming the
     allowed keys. ``discovery_only`` follows ``mode``; giving both in contradiction is an error. In blend mode
     ``recompute_ratio`` sets the core's ``recompute_budget`` (both given and different: an error); the blend keys
-    (:data:`BLEND_KEYS`) in another mode are an error.
+    (:data:`BLEND_KEYS`) in another mode are an error. ``modes``: the modes this engine offers (the TensorRT-LLM
+    adapter shares these keys but has no ``blend``).
     """
     extra = dict(extra or {})
     adapter_values = {k: _parse_adapter_value(k, extra.pop(k)) for k in list(extra) if k in ADAPTER_KEYS}
@@ -170,12 +171,18 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *, environ: Mapping[str,
     except ConfigError as exc:
         raise ConfigError(f"{exc} (kv_connector_extra_config also accepts the adapter keys: "
                           f"{', '.join(ADAPTER_KEYS)})") from None
+    if adapter.mode not in modes:
+        raise ConfigError(f"kv_connector_extra_config.mode={adapter.mode!r} is not allowed; allowed: "
+                          + ", ".join(modes))
     want_discovery = adapter.mode == MODE_DISCOVERY_ONLY
     if "discovery_only" in extra and core.discovery_only != want_discovery:
         raise ConfigError(f"kv_connector_extra_config has discovery_only={core.discovery_only} but "
                           f"mode={adapter.mode!r}; set only mode (allowed: {', '.join(MODES)})")
     core = dataclasses.replace(core, discovery_only=want_discovery)
     misplaced = [k for k in BLEND_KEYS if k in adapter_values]
+    if misplaced and MODE_BLEND not in modes:
+        raise ConfigError(f"{misplaced[0]} is not allowed: this engine has no blend mode; allowed modes: "
+                          + ", ".join(modes))
     if misplaced and not adapter.blend:
         raise ConfigError(f"kv_connector_extra_config.{misplaced[0]} applies only to mode 'blend' (mode is "
                           f"{adapter.mode!r}; nothing is recomputed there): remove it or set mode='blend'")

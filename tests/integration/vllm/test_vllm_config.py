@@ -180,3 +180,13 @@ def test_register_donors_is_no_longer_accepted():
     assert "register_donors" not in ADAPTER_KEYS
     with pytest.raises(ConfigError, match="register_donors"):
         parse_extra_config({"mode": "prefix", "register_donors": False})
+
+
+def test_an_engine_without_blend_refuses_it():
+    """The TensorRT-LLM adapter shares these keys but offers no blend mode (``modes``)."""
+    modes = ("discovery_only", "prefix")
+    with pytest.raises(ConfigError, match=r"mode='blend' is not allowed; allowed: discovery_only, prefix"):
+        parse_extra_config({"mode": "blend"}, environ={}, modes=modes)
+    with pytest.raises(ConfigError, match=r"recompute_ratio is not allowed: this engine has no blend mode"):
+        parse_extra_config({"mode": "prefix", "recompute_ratio": 0.1}, environ={}, modes=modes)
+    assert parse_extra_config({"mode": "prefix"}, environ={}, modes=modes)[0].mode == "prefix"
