@@ -27,7 +27,7 @@ from typing import Any
 
 from semblend.integration.vllm._config import (
     MODE_DISCOVERY_ONLY,
-    MODES,
+    MODE_PREFIX,
     VllmAdapterConfig,
     parse_extra_config,
     rope_config_of,
@@ -35,6 +35,7 @@ from semblend.integration.vllm._config import (
 from semblend_core import CacheNamespace, ConfigError, SemBlendConfig
 
 AdapterConfig = VllmAdapterConfig  # same keys, same validation (see the module docstring)
+MODES = (MODE_DISCOVERY_ONLY, MODE_PREFIX)  # vLLM's blend mode has no TensorRT-LLM counterpart
 
 CONFIG_ENV = "TLLM_SEMBLEND_CONFIG"
 # Attention backends whose paged-pool layout was read from TensorRT-LLM's source (see ``_layout``), and the order
@@ -84,7 +85,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> tuple[AdapterConf
     env = os.environ if environ is None else environ
     values = _read_config_env(env)
     try:
-        return parse_extra_config(values, environ=env)
+        return parse_extra_config(values, environ=env, modes=MODES)
     except ConfigError as exc:
         raise ConfigError(f"{CONFIG_ENV}: {exc}") from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,14 @@ from semblend_core import CacheNamespace, ConfigError, SemBlendConfig
 
 MODE_DISCOVERY_ONLY = "discovery_only"
 MODE_PREFIX = "prefix"
-MODES = (MODE_DISCOVERY_ONLY, MODE_PREFIX)
+MODE_BLEND = "blend"
+MODES = (MODE_DISCOVERY_ONLY, MODE_PREFIX, MODE_BLEND)
 # Modes that write donor KV into a request's blocks (everything but discovery).
-MATERIALIZING_MODES = (MODE_PREFIX,)
+MATERIALIZING_MODES = (MODE_PREFIX, MODE_BLEND)
+# Adapter keys that only mean something in blend mode (elsewhere nothing is recomputed: they fail at start-up).
+BLEND_KEYS = ("recompute_ratio", "check_layers", "selection")
+# The transformers engine's default check layer (``EngineOptions.check_layer``; a test keeps them equal).
+DEFAULT_CHECK_LAYER = 1
 
 _GIB = 1 << 30
 
@@ -33,8 +39,10 @@ _GIB = 1 << 30
 class VllmAdapterConfig:
     """Connector settings that are not SemBlend planning knobs.
 
-    * ``mode``: ``discovery_only`` (plan and record, never alter scheduling) or ``prefix`` (load the reusable
-      prefix of a hit into the request's own blocks).
+    * ``mode``: ``discovery_only`` (plan and record, never alter scheduling), ``prefix`` (load the reusable
+      prefix of a hit into the request's own blocks) or ``blend`` (fill the prompt up to the end of the hit's
+      reusable region with the shared blended-prefill executor: donor KV re-rotated, uncovered, seam and selected
+      tokens recomputed with the model's own weights).
     * ``donor_kv_gpu_bytes`` / ``donor_kv_host_bytes``: capacity of the worker's donor KV store per tier (bytes;
       the host tier is pinned memory). Least recently used donors are evicted first.
     * ``min_donor_tokens``: shortest prompt worth capturing as a donor.
@@ -43,6 +51,18 @@ class VllmAdapterConfig:
       tokens, and on real weights answers diverge (SmolLM2 in vLLM on the H200: teacher-forced top-1 0.60 vs
       cold, ``benchmarks/results/vllm_quality_h200.json``). With it off, a moved prefix loads only when the first
       block is exact, from the donor or from vLLM's own prefix cache.
+
+    Blend mode only (named like the seed vLLM Blend plugin's ``--blend-recompute-ratios`` /
+    ``--blend-check-layers``; giving them in another mode is an error, since nothing is recomputed there):
+
+    * ``recompute_ratio``: fraction of the reused tokens the executor recomputes on top of the mandatory ones, in
+      ``[0, 1]``; it is the core's ``recompute_budget`` (set one of the two, or both equal). ``None``: the core's.
+    * ``check_layers``: the layer whose fresh-vs-reused K/V deviation picks those tokens: an integer ``>= 0``, a
+      list of exactly one, or an empty list (no deviation check: only the plan's mandatory positions and any
+      ``selection``). The executor checks at one layer, so a longer list fails. Default
+      :data:`DEFAULT_CHECK_LAYER` (the transformers engine's). Normalised to a tuple of at most one int.
+    * ``selection``: a ``semblend_core.recompute.SelectionStrategy`` name (``SELECTIONS``) that picks the budgeted
+      tokens instead of the deviation check; ``None`` keeps the check.
     """
 
     mode: str = MODE_DISCOVERY_ONLY
@@ -50,11 +70,26 @@ class VllmAdapterConfig:
     donor_kv_host_bytes: int = 0
     min_donor_tokens: int = 64
     load_moved_prefix: bool = False
+    recompute_ratio: float | None = None
+    check_layers: Any = DEFAULT_CHECK_LAYER
+    selection: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"kv_connector_extra_config.mode={self.mode!r} is not allowed; allowed: "
                               + ", ".join(MODES))
+        ratio = self.recompute_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0.0 <= ratio <= 1.0 or math.isnan(ratio)):
+            raise ConfigError(f"kv_connector_extra_config.recompute_ratio={ratio!r} is not allowed; allowed: a "
+                              "number in [0, 1]")
+        object.__setattr__(self, "check_layers", _check_layers(self.check_layers))
+        if self.selection is not None:
+            from semblend_core.recompute import SELECTIONS
+
+            if self.selection not in SELECTIONS:
+                raise ConfigError(f"kv_connector_extra_config.selection={self.selection!r} is not allowed; "
+                                  f"allowed: {', '.join(SELECTIONS)} (or null)")
         if not isinstance(self.load_moved_prefix, bool):
             raise ConfigError(f"kv_connector_extra_config.load_moved_prefix={self.load_moved_prefix!r} is not "
                               "allowed; allowed: true, false")
@@ -68,29 +103,65 @@ class VllmAdapterConfig:
     def materializes(self) -> bool:
         return self.mode in MATERIALIZING_MODES
 
+    @property
+    def blend(self) -> bool:
+        return self.mode == MODE_BLEND
+
+    @property
+    def check_layer(self) -> int | None:
+        """The one check layer of the executor (``None``: no deviation check)."""
+        return self.check_layers[0] if self.check_layers else None
+
+
+def _check_layers(value: Any) -> tuple[int, ...]:
+    allowed = "an integer >= 0, a list of exactly one such integer, or [] (no deviation check)"
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise ConfigError(f"kv_connector_extra_config.check_layers={value!r} is not allowed; allowed: {allowed}")
+    if len(items) > 1:
+        raise ConfigError(f"kv_connector_extra_config.check_layers={value!r} is not allowed: SemBlend's blended "
+                          f"prefill checks deviation at one layer (CacheBlend's multi-layer schedule is not "
+                          f"implemented); allowed: {allowed}")
+    return tuple(items)
+
 
 ADAPTER_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VllmAdapterConfig))
 
 
 def _parse_adapter_value(name: str, value: Any) -> Any:
     """JSON gives proper types; env-style strings ("1", "true") are accepted too."""
-    if not isinstance(value, str) or name == "mode":
+    if not isinstance(value, str) or name in ("mode", "selection"):
         return value
     text = value.strip().lower()
     if name == "load_moved_prefix":
         return {"true": True, "1": True, "false": False, "0": False}.get(text, value)
+    if name == "recompute_ratio":
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    if name == "check_layers":  # "1", "1,2" or "0 16 32" (the seed plugin's flag style)
+        parts = text.replace(",", " ").split()
+        try:
+            return [int(p) for p in parts]
+        except ValueError:
+            return value
     try:
         return int(text)
     except ValueError:
         return value
 
 
-def parse_extra_config(extra: Mapping[str, Any] | None, *, environ: Mapping[str, str] | None = None
-                       ) -> tuple[VllmAdapterConfig, SemBlendConfig]:
+def parse_extra_config(extra: Mapping[str, Any] | None, *, environ: Mapping[str, str] | None = None,
+                       modes: tuple[str, ...] = MODES) -> tuple[VllmAdapterConfig, SemBlendConfig]:
     """Split ``kv_connector_extra_config`` into adapter settings and a validated ``SemBlendConfig``.
 
     Raises :class:`~semblend_core.ConfigError` (a ``ValueError``) for an unknown key or a bad value, naming the
-    allowed keys. ``discovery_only`` follows ``mode``; giving both in contradiction is an error.
+    allowed keys. ``discovery_only`` follows ``mode``; giving both in contradiction is an error. In blend mode
+    ``recompute_ratio`` sets the core's ``recompute_budget`` (both given and different: an error); the blend keys
+    (:data:`BLEND_KEYS`) in another mode are an error. ``modes``: the modes this engine offers (the TensorRT-LLM
+    adapter shares these keys but has no ``blend``).
     """
     extra = dict(extra or {})
     adapter_values = {k: _parse_adapter_value(k, extra.pop(k)) for k in list(extra) if k in ADAPTER_KEYS}
@@ -100,11 +171,29 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *, environ: Mapping[str,
     except ConfigError as exc:
         raise ConfigError(f"{exc} (kv_connector_extra_config also accepts the adapter keys: "
                           f"{', '.join(ADAPTER_KEYS)})") from None
+    if adapter.mode not in modes:
+        raise ConfigError(f"kv_connector_extra_config.mode={adapter.mode!r} is not allowed; allowed: "
+                          + ", ".join(modes))
     want_discovery = adapter.mode == MODE_DISCOVERY_ONLY
     if "discovery_only" in extra and core.discovery_only != want_discovery:
         raise ConfigError(f"kv_connector_extra_config has discovery_only={core.discovery_only} but "
                           f"mode={adapter.mode!r}; set only mode (allowed: {', '.join(MODES)})")
     core = dataclasses.replace(core, discovery_only=want_discovery)
+    misplaced = [k for k in BLEND_KEYS if k in adapter_values]
+    if misplaced and MODE_BLEND not in modes:
+        raise ConfigError(f"{misplaced[0]} is not allowed: this engine has no blend mode; allowed modes: "
+                          + ", ".join(modes))
+    if misplaced and not adapter.blend:
+        raise ConfigError(f"kv_connector_extra_config.{misplaced[0]} applies only to mode 'blend' (mode is "
+                          f"{adapter.mode!r}; nothing is recomputed there): remove it or set mode='blend'")
+    if adapter.recompute_ratio is not None:
+        if "recompute_budget" in extra and not math.isclose(core.recompute_budget, adapter.recompute_ratio):
+            raise ConfigError(f"kv_connector_extra_config has recompute_ratio={adapter.recompute_ratio} and "
+                              f"recompute_budget={core.recompute_budget}: they are the same setting; give one")
+        core = dataclasses.replace(core, recompute_budget=float(adapter.recompute_ratio))
+    if adapter.blend and "load_moved_prefix" in adapter_values:
+        raise ConfigError("kv_connector_extra_config.load_moved_prefix applies only to mode 'prefix': blend mode "
+                          "recomputes the first tokens whenever they are not context-exact; remove it")
     return adapter, core
 
 
@@ -215,3 +304,35 @@ def request_namespace(base: CacheNamespace, request: Any) -> CacheNamespace:
     if not lora and not salt:
         return base
     return dataclasses.replace(base, lora=lora, cache_salt=salt)
+
+
+# ---------------------------------------------------------------------------------------------- blend capability
+BLEND_TENSOR_PARALLEL = "blend_tensor_parallel"
+BLEND_PIPELINE_PARALLEL = "blend_pipeline_parallel"
+
+
+def blend_decline_reason(vllm_config: Any) -> str:
+    """Why this deployment cannot run blend mode at all (``""``: it can), judged from vLLM's config alone. Pure.
+
+    * the model: ``semblend_core.model_support.check_model_config`` on vLLM's ``hf_config`` (its stable reason,
+      e.g. ``unsupported_model_type:gemma2``); the worker's check of the loaded modules is separate;
+    * ``blend_tensor_parallel`` / ``blend_pipeline_parallel``: the executor runs the whole layer stack of an
+      unsharded model in one process (``docs/vllm.md`` gives the sharded math it would need).
+
+    The scheduler declines every hit with this reason before crediting anything (a normal prefill).
+    """
+    from semblend_core.model_support import check_model_config
+
+    model = _attr(vllm_config, "model_config")
+    hf_config = _attr(model, "hf_config")
+    if hf_config is None:
+        return "unsupported_model_type:unknown"
+    support = check_model_config(hf_config)
+    if not support.supported:
+        return support.reason
+    parallel = _attr(vllm_config, "parallel_config")
+    if int(_attr(parallel, "tensor_parallel_size", default=1)) > 1:
+        return BLEND_TENSOR_PARALLEL
+    if int(_attr(parallel, "pipeline_parallel_size", default=1)) > 1:
+        return BLEND_PIPELINE_PARALLEL
+    return ""

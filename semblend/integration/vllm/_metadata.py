@@ -51,14 +51,28 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class BlendSpec:
-    """``blend`` mode: fill target tokens ``[0, num_tokens)`` of a request before the forward with the shared
-    blended-prefill executor (``semblend_core.blended_prefill``), then vLLM computes ``[num_tokens, prompt_len)``.
+    """``blend`` mode: fill target tokens ``[local_tokens, num_tokens)`` of a request before the forward with the
+    shared blended-prefill executor (``semblend_core.blended_prefill``), then vLLM computes
+    ``[num_tokens, prompt_len)``.
 
-    ``plan`` is the request's ``SemanticKvPlan`` (spans with their donor ids, recompute ranges, layer policy and
-    budget); only spans below ``num_tokens`` are read, each from its own donor entry. ``token_ids`` are the prompt's
-    first ``num_tokens`` tokens (the executor embeds the recomputed ones). ``block_ids`` cover ``[0, num_tokens)``
-    from block 0. The whole range is approximate KV: it never enters vLLM's exact prefix cache and never becomes a
-    donor (the scheduler taints it). A failure reports every block (vLLM recomputes the range).
+    * ``plan``: the request's ``SemanticKvPlan`` as the scheduler will have it executed: only donors whose KV every
+      worker holds (others were dropped with ``SemBlendPipeline.drop_donors``), and ``recompute_ranges`` that
+      already include every position the executor must compute at every layer (uncovered positions are
+      mandatory anyway): the planner's seam heads, fuzzy regions, and the attention-sink positions
+      ``[local_tokens, SINK_TOKENS)`` whenever they are not context-exact (see ``_scheduler``). Only spans
+      below ``num_tokens`` are read, each from its own donor entry (``plan.donor_of(span)``), re-rotated by its
+      ``delta``. ``plan.recompute_budget`` is the ``recompute_ratio``.
+    * ``token_ids``: the prompt's first ``num_tokens`` tokens (the executor embeds the recomputed ones).
+    * ``block_ids``: the request's blocks covering ``[0, num_tokens)`` from block 0; ``local_tokens`` (a multiple of
+      ``block_size``) is vLLM's own exact prefix-cache hit: the executor's ``fixed_prefix`` -- its KV is final,
+      never written, never recomputed, attended to as it is.
+    * ``check_layer`` / ``selection``: the executor's deviation-check layer (``None``: no check) and
+      ``SelectionStrategy`` name (``None``: the check picks the budgeted tokens).
+
+    The range ``[local_tokens, num_tokens)`` is approximate KV: it never enters vLLM's exact prefix cache and never
+    becomes a donor (the scheduler taints it). The worker reports ``loaded=((req_id, num_tokens - local_tokens),)``
+    and ``blended=((req_id, reused, recomputed),)`` on success; on any failure ``load_failed=(req_id,)`` and the
+    blocks of :meth:`credited_block_ids` (vLLM recomputes them; the local blocks stay valid and shared).
     """
 
     req_id: str
@@ -68,8 +82,21 @@ class BlendSpec:
     num_tokens: int
     block_ids: tuple[int, ...]
     block_size: int
+    local_tokens: int = 0
+    check_layer: int | None = 1
+    selection: str | None = None
+
+    @property
+    def num_blended(self) -> int:
+        """Tokens the executor fills (credited to vLLM): ``num_tokens - local_tokens``."""
+        return self.num_tokens - self.local_tokens
+
+    def credited_block_ids(self) -> tuple[int, ...]:
+        """Blocks holding ``[local_tokens, num_tokens)``: what a failed blend reports for recomputation."""
+        return self.block_ids[self.local_tokens // self.block_size:]
 
     def slots(self) -> list[int]:
+        """Cache slot of every token of ``[0, num_tokens)``, in token order."""
         return _slots(self.block_ids, self.block_size, 0, self.num_tokens)
 
 
@@ -127,6 +154,13 @@ class WorkerReport:
     * ``evicted``: ``(namespace_key, donor_id)`` dropped from the store (LRU or capacity).
     * ``loaded``: ``(req_id, num_tokens)`` loads completed; ``load_failed``: req ids whose load failed (their
       blocks are also returned by ``get_block_ids_with_load_errors`` so vLLM recomputes them).
+    * ``blended``: ``(req_id, reused_tokens, recomputed_tokens)`` per completed blend (blend mode, with its
+      ``loaded`` entry): of the ``num_tokens - local_tokens`` tokens filled, ``recomputed_tokens`` is the
+      executor's token-layers computed fresh (``BlendStats.token_layers``) divided by the number of layers,
+      rounded (the mean tokens per layer: uncovered, sink, seam and selected ones), ``reused_tokens`` the rest.
+    * ``blend_unavailable``: a stable reason why this worker cannot run the executor at all (its model-view or
+      self-check failed, e.g. ``self_check_failed:...``): the scheduler declines every later blend with it,
+      before credit. Sent once.
     * ``load_s`` / ``save_s``: seconds spent in loads / captures (for metrics).
     """
 
@@ -138,9 +172,12 @@ class WorkerReport:
     load_s: tuple[float, ...] = field(default=())
     save_s: tuple[float, ...] = field(default=())
     workers: int = 1
+    blended: tuple[tuple[str, int, int], ...] = ()
+    blend_unavailable: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.saved or self.save_failed or self.evicted or self.loaded or self.load_failed)
+        return bool(self.saved or self.save_failed or self.evicted or self.loaded or self.load_failed
+                    or self.blended or self.blend_unavailable)
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         return WorkerReport(
@@ -148,4 +185,5 @@ class WorkerReport:
             evicted=self.evicted + other.evicted, loaded=self.loaded + other.loaded,
             load_failed=self.load_failed + other.load_failed, load_s=self.load_s + other.load_s,
             save_s=self.save_s + other.save_s, workers=self.workers + other.workers,
+            blended=self.blended + other.blended, blend_unavailable=self.blend_unavailable + other.blend_unavailable,
         )

@@ -16,6 +16,17 @@ Modes
   hit is credited, after every reason to decline was checked here: RoPE shift not exact, donor KV not resident
   in the workers' store (evicted, never captured), geometry or dtype of the stored KV differs from this cache.
   Donors are registered only after the workers confirm their KV was captured.
+* ``blend``: the prompt is credited up to the end of the hit's reusable region (the last span's end, at most
+  ``prompt_len - 1``, floored to the block size) beyond vLLM's own hit, uncovered tokens before and between spans
+  included: the workers fill that range with the shared blended-prefill executor (donor KV re-rotated from every
+  donor the plan uses, uncovered / sink / seam / selected tokens computed with the model's weights) and vLLM
+  computes the rest. Every reason to decline is checked first (:meth:`SchedulerSide._gate_blend`): the deployment
+  cannot blend (model family, tensor or pipeline parallel, a worker that reported it cannot), vLLM's hit covers
+  the region, a shifted span with inexact RoPE, donor KV not resident (such donors are dropped from the plan with
+  ``SemBlendPipeline.drop_donors`` and the quality gates re-applied; decline only if it fails them), stored KV of
+  another geometry, or too little left to reuse. The moved-first-block rule of ``prefix`` does not apply: the
+  first ``SINK_TOKENS`` positions are made mandatory recompute whenever they are not context-exact (recomputed at
+  every layer over an exact causal context, they equal a cold prefill's). The whole blended range is tainted.
 
 Exact-cache safety
 ------------------
@@ -34,6 +45,7 @@ shareable.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -51,10 +63,18 @@ from semblend.integration.vllm._config import (
     media_key,
     request_namespace,
 )
-from semblend.integration.vllm._metadata import KvSignature, LoadSpec, SaveSpec, StepPlan, WorkerReport
+from semblend.integration.vllm._metadata import (
+    BlendSpec,
+    KvSignature,
+    LoadSpec,
+    SaveSpec,
+    StepPlan,
+    WorkerReport,
+)
 from semblend.integration.vllm._metrics import ConnectorStats
 from semblend_core import CacheNamespace, Outcome, Reason, SemanticKvPlan
 from semblend_core.errors import SemBlendError
+from semblend_core.plan import SINK_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +92,10 @@ class DeclineReason:
     ABORTED = "aborted"
     MULTIMODAL_PROMPT = "multimodal_prompt"
     MOVED_FIRST_BLOCK = Reason.MOVED_FIRST_BLOCK  # the first block would get moved KV (load_moved_prefix)
+    ROPE_NOT_SHIFT_INVARIANT = Reason.ROPE_NOT_SHIFT_INVARIANT
+    NO_GAIN = Reason.NO_GAIN_OVER_EXACT_PREFIX  # blend: fewer than chunk_size reusable tokens beyond vLLM's hit
+    BLEND_TENSOR_PARALLEL = "blend_tensor_parallel"
+    BLEND_PIPELINE_PARALLEL = "blend_pipeline_parallel"
 
 
 @dataclass
@@ -87,6 +111,10 @@ class _Decision:
     segments: tuple[tuple[int, int, int], ...] = ()
     # Donor of every segment: the first span's (in a multi-donor plan, not always plan.donor_id).
     donor_id: str | None = None
+    # blend: the plan the workers execute (unusable donors dropped, sink positions made mandatory) and the end of
+    # the blended range (num_local + credit).
+    blend_plan: SemanticKvPlan | None = None
+    end: int = 0
 
 
 @dataclass
@@ -104,7 +132,8 @@ class _RequestState:
     tainted_from_block: int | None = None  # hash-block index from which block hashes were re-salted
     block_ids: list[int] = field(default_factory=list)
     capture_issued: bool = False
-    load_in_flight: tuple[LoadSpec, ...] | None = None
+    load_in_flight: tuple[LoadSpec | BlendSpec, ...] | None = None
+    blend_counts: tuple[int, int] | None = None  # (reused, recomputed) the workers reported for the last blend
     plan: SemanticKvPlan | None = None
     unsupported: str = ""      # a reason never to plan, load or capture this request (e.g. multimodal_prompt)
 
@@ -124,14 +153,15 @@ class SchedulerSide:
     ``pipeline``: a ``SemBlendPipeline``. ``base_namespace``: from ``_config.base_namespace``. ``kv_signature``: the
     geometry of this engine's cache per worker (``None``: unknown, stored donors are not checked).
     ``rope_exact``: RoPE re-rotation reproduces the model's keys for every layer. ``num_workers``: how many workers
-    must confirm a capture before the donor is usable (tensor x pipeline parallel size).
+    must confirm a capture before the donor is usable (tensor x pipeline parallel size). ``blend_unavailable``:
+    blend mode only, why this deployment cannot blend at all (``_config.blend_decline_reason``; ``""``: it can).
     """
 
     MAX_AWAITING_CAPTURE = 4096  # backstop: captures the workers never answered are forgotten oldest first
 
     def __init__(self, pipeline: Any, adapter: VllmAdapterConfig, base_namespace: CacheNamespace, *,
                  block_size: int, rope_exact: bool, kv_signature: KvSignature | None = None,
-                 num_workers: int = 1) -> None:
+                 num_workers: int = 1, blend_unavailable: str = "") -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.pipeline = pipeline
@@ -142,10 +172,11 @@ class SchedulerSide:
         self.rope_exact = rope_exact
         self.kv_signature = kv_signature
         self.num_workers = max(1, int(num_workers))
+        self.blend_unavailable = blend_unavailable
         self.stats = ConnectorStats()
         self._block_pool: Any = None
         self._requests: dict[str, _RequestState] = {}
-        self._pending_loads: dict[str, tuple[LoadSpec, ...]] = {}
+        self._pending_loads: dict[str, tuple[LoadSpec | BlendSpec, ...]] = {}
         self._resident: dict[tuple[str, str], _Resident] = {}
         self._awaiting_capture: OrderedDict[tuple[str, str], tuple[Sequence[int], CacheNamespace]] = OrderedDict()
         self._load_votes: dict[str, int] = {}
@@ -162,6 +193,13 @@ class SchedulerSide:
     @property
     def discovery_only(self) -> bool:
         return self.adapter.mode == MODE_DISCOVERY_ONLY
+
+    @property
+    def _registers_without_kv(self) -> bool:
+        """Blend mode on a deployment that cannot blend: no KV is captured (it could never be used); finished
+        prompts are registered as donors like in discovery mode, so hits are still planned and declined with
+        the reason (the evidence of what blend would reuse here)."""
+        return self.adapter.blend and bool(self.blend_unavailable)
 
     def bind_block_pool(self, block_pool: Any, hash_block_size: int | None = None) -> None:
         """The scheduler's ``BlockPool`` (needed to evict prefix-cache entries of approximate blocks)."""
@@ -216,6 +254,8 @@ class SchedulerSide:
         if outcome == Outcome.MATERIALIZED:
             self.stats.loaded(loaded)
             self.stats.credited(st.credited)
+            if st.blend_counts is not None:
+                self.stats.blended(*st.blend_counts)
 
     # How the pipeline classifies a miss (it records these itself; the connector mirrors them in its stats).
     _MISS_OUTCOMES: ClassVar[dict[str, str]] = {
@@ -278,6 +318,8 @@ class SchedulerSide:
                     # The pipeline recorded the hit in its telemetry; the stats say what prefix would have done.
                     self._count_plan_outcome(st, st.plan, reason if st.plan.is_hit and not would else None)
                 return 0, False
+            if self.adapter.blend:
+                return self._decide_blend(st, num_computed_tokens).credit, False
             return self._decide(st, request, num_computed_tokens).credit, False
         except Exception as exc:  # noqa: BLE001 -- rule 5: never fail inference
             logger.warning("SemBlend: planning for %s failed (%s: %s); normal prefill",
@@ -374,6 +416,104 @@ class SchedulerSide:
         return (resident is not None and resident.votes >= self.num_workers
                 and _resident_end(d.segments, resident.num_tokens) >= d.num_local + d.credit)
 
+    # ------------------------------------------------------------------ blend mode
+    def _decide_blend(self, st: _RequestState, num_local: int) -> _Decision:
+        """The blend credit for this ``num_computed_tokens`` (one pipeline plan per request, like :meth:`_decide`;
+        a waiting request re-checks its donors' residency on every call)."""
+        d = st.decision
+        if d is not None and d.num_local == num_local:
+            if d.credit and self.blend_unavailable:  # a worker reported it cannot blend while the request waited
+                d.credit, d.reason = 0, self.blend_unavailable
+                self._record(st, d.plan, Outcome.DECLINED, d.reason)
+            elif d.credit and self._unusable_donors(st.namespace.key, d.blend_plan, num_local, d.end) != ((), ()):
+                d.credit, d.reason = 0, DeclineReason.DONOR_KV_EVICTED
+                self._record(st, d.plan, Outcome.DECLINED, d.reason)
+            return d
+        plan = st.plan if st.plan is not None else self._plan(st, num_local)
+        d = _Decision(num_local=num_local, plan=plan)
+        st.decision, st.plan = d, plan
+        if not plan.is_hit:
+            self._count_plan_outcome(st, plan)
+            d.reason = plan.reason
+            return d
+        d.reason = self._gate_blend(st, d)
+        if not d.credit:
+            exact = num_local > 0 and d.reason in (DeclineReason.ENGINE_PREFIX_COVERS, DeclineReason.NO_GAIN)
+            self._record(st, plan, Outcome.EXACT if exact else Outcome.DECLINED, d.reason)
+        return d
+
+    def _gate_blend(self, st: _RequestState, d: _Decision) -> str:
+        """Every reason to decline a blend hit, in order; sets ``d.credit`` / ``d.blend_plan`` / ``d.end`` when
+        none applies. Returns the reason (the plan's own for a credited hit)."""
+        num_local = d.num_local
+        if self.blend_unavailable:
+            return self.blend_unavailable
+        plan = d.plan
+        end = self._blend_end(plan, st.num_prompt_tokens)
+        if end <= num_local:
+            return DeclineReason.ENGINE_PREFIX_COVERS
+        if not self.rope_exact and any(sp.delta != 0 for sp in _spans_in(plan, num_local, end)):
+            return DeclineReason.ROPE_NOT_SHIFT_INVARIANT
+        missing, mismatched = self._unusable_donors(st.namespace.key, plan, num_local, end)
+        if missing or mismatched:
+            reason = DeclineReason.KV_LAYOUT_MISMATCH if mismatched and not missing else \
+                DeclineReason.DONOR_KV_EVICTED
+            plan = self.pipeline.drop_donors(plan, (*missing, *mismatched))
+            if not plan.is_hit:
+                return reason
+            end = self._blend_end(plan, st.num_prompt_tokens)
+            if end <= num_local:
+                return reason
+        plan = _with_sink_recompute(plan, num_local, end)
+        min_gain = int(getattr(getattr(self.pipeline, "config", None), "chunk_size", self.block_size))
+        if _reusable_tokens(plan, num_local, end) < max(1, min_gain):
+            return DeclineReason.NO_GAIN
+        d.blend_plan, d.end, d.credit = plan, end, end - num_local
+        return plan.reason
+
+    def _blend_end(self, plan: SemanticKvPlan, num_prompt_tokens: int) -> int:
+        """End of the plan's reusable region: the last span's end, at most ``prompt_len - 1`` (vLLM computes the
+        last token for fresh logits; a resumed request's output tokens are never reused), floored to a block."""
+        if not plan.spans:
+            return 0
+        n = min(max(sp.target_end for sp in plan.spans), num_prompt_tokens - 1)
+        return max(0, n - n % self.block_size)
+
+    def _unusable_donors(self, ns_key: str, plan: SemanticKvPlan | None, lo: int, hi: int
+                         ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(missing, mismatched)`` donors of the spans in ``[lo, hi)``: not held by every worker (or holding
+        fewer tokens than a span reads), or stored with another ``KvSignature`` than this cache's."""
+        if plan is None:
+            return (), ()
+        need: dict[str, int] = {}
+        for sp in _spans_in(plan, lo, hi):
+            donor = plan.donor_of(sp)
+            read_end = sp.donor_start + (min(sp.target_end, hi) - sp.target_start)
+            need[donor] = max(need.get(donor, 0), read_end)
+        missing, mismatched = [], []
+        for donor, tokens in need.items():
+            res = self._resident.get((ns_key, donor))
+            if res is None or res.votes < self.num_workers or res.num_tokens < tokens:
+                missing.append(donor)
+            elif self.kv_signature is not None and res.signature != self.kv_signature:
+                mismatched.append(donor)
+        return tuple(missing), tuple(mismatched)
+
+    def _stage_blend(self, request: Any, st: _RequestState, d: _Decision, num_external_tokens: int) -> None:
+        """One :class:`BlendSpec` for the committed range; the whole range (and all after it) is tainted."""
+        bs = self.block_size
+        n = d.num_local + num_external_tokens
+        spec = BlendSpec(
+            req_id=st.req_id, namespace_key=st.namespace.key, plan=d.blend_plan,
+            token_ids=tuple(np.asarray(st.prompt[:n]).tolist()), num_tokens=n,
+            block_ids=tuple(st.block_ids[: -(-n // bs)]), block_size=bs, local_tokens=d.num_local,
+            check_layer=self.adapter.check_layer, selection=self.adapter.selection,
+        )
+        self._taint(request, st, d.num_local)
+        st.blend_counts = None
+        self._pending_loads[st.req_id] = (spec,)
+        st.credited = num_external_tokens
+
     # ------------------------------------------------------------------ update_state_after_alloc
     def update_state_after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """vLLM allocated ``block_ids`` (all of the request's blocks, first KV-cache group) and committed
@@ -388,6 +528,9 @@ class SchedulerSide:
                 self._record(st, d.plan, Outcome.DECLINED, DeclineReason.SCHEDULER_SKIPPED)
             return
         bs = self.block_size
+        if d is not None and d.blend_plan is not None and num_external_tokens <= d.credit:
+            self._stage_blend(request, st, d, num_external_tokens)
+            return
         if d is None or num_external_tokens > d.credit:
             # Never expected: vLLM committed tokens we did not offer. Make the worker fail the blocks -> recompute.
             logger.warning("SemBlend: vLLM committed %d external tokens for %s but %d were offered; recomputing",
@@ -481,20 +624,22 @@ class SchedulerSide:
                         st.block_ids.extend(new_ids[0])
                 done = int(cached.num_computed_tokens[i]) + int(num_sched.get(req_id, 0))
                 self._maybe_capture(st, done, captures)
-        loads = []
+        loads, blends = [], []
         for req_id, specs in self._pending_loads.items():
             st = self._requests.get(req_id)
             if st is None or req_id in preempted or not specs:
                 continue
             st.load_in_flight = specs
             self._load_votes[req_id] = 0
-            loads.extend(specs)
+            for spec in specs:
+                (blends if isinstance(spec, BlendSpec) else loads).append(spec)
         self._pending_loads.clear()
-        return StepPlan(loads=tuple(loads), saves=tuple(captures))
+        return StepPlan(loads=tuple(loads), saves=tuple(captures), blends=tuple(blends))
 
     def _maybe_capture(self, st: _RequestState, tokens_done: int, out: list[SaveSpec]) -> None:
         """Capture the prompt's KV as a donor in the step its last prompt token is computed."""
         if (st.capture_issued or st.unsupported or tokens_done < st.num_prompt_tokens
+                or self._registers_without_kv  # blend cannot run here: donors are registered for evidence only
                 or st.tainted_from_block is not None  # approximate KV never becomes a donor
                 or st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1)):
             return
@@ -541,6 +686,15 @@ class SchedulerSide:
                 self._forget_content(key)
             for ns_key, donor_id in report.evicted:
                 self._retire(ns_key, donor_id)
+            for reason in report.blend_unavailable:
+                if self.adapter.blend and not self.blend_unavailable:
+                    logger.warning("SemBlend: a worker cannot run the blended prefill (%s); blend hits are declined "
+                                   "from now on", reason)
+                    self.blend_unavailable = reason
+            for req_id, reused, recomputed in report.blended:
+                st = self._requests.get(req_id) or self._finishing.get(req_id)
+                if st is not None and st.load_in_flight is not None:
+                    st.blend_counts = (int(reused), int(recomputed))
             for req_id in report.load_failed:
                 self._on_load_result(req_id, 0, failed=True)
             for req_id, tokens in report.loaded:
@@ -552,7 +706,7 @@ class SchedulerSide:
         invalid = set(invalid_block_ids or ())
         if invalid:
             for req_id, st in [*self._requests.items(), *self._finishing.items()]:
-                if st.load_in_flight is not None and any(invalid.intersection(sp.block_ids)
+                if st.load_in_flight is not None and any(invalid.intersection(_credited_blocks(sp))
                                                          for sp in st.load_in_flight):
                     self._on_load_result(req_id, 0, failed=True)
 
@@ -599,9 +753,10 @@ class SchedulerSide:
             self._load_votes.pop(req_id, None)
             if plan is not None:
                 self._record(st, plan, Outcome.DECLINED, DeclineReason.LOAD_FAILED)
+            st.blend_counts = None
             # A donor whose KV could not be loaded is not offered again (it would be credited and fail again).
-            if specs[0].donor_id is not None:
-                self._retire(specs[0].namespace_key, specs[0].donor_id)
+            for ns_key, donor_id in {(sp.namespace_key, donor) for sp in specs for donor in _donors_of(sp)}:
+                self._retire(ns_key, donor_id)
             self._settle_finishing(req_id)
             return
         votes = self._load_votes.get(req_id, 0) + 1
@@ -611,8 +766,12 @@ class SchedulerSide:
         st.load_in_flight = None
         self._load_votes.pop(req_id, None)
         if plan is not None:
-            # The tokens SemBlend loaded (vLLM's own prefix hit before them is not SemBlend's reuse).
-            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=sum(sp.num_tokens for sp in specs))
+            # The tokens SemBlend loaded (vLLM's own prefix hit before them is not SemBlend's reuse); for a blend,
+            # the ones whose donor KV was kept (the workers' count; all filled tokens if they sent none).
+            loaded = sum(sp.num_blended if isinstance(sp, BlendSpec) else sp.num_tokens for sp in specs)
+            if st.blend_counts is not None:
+                loaded = st.blend_counts[0]
+            self._record(st, plan, Outcome.MATERIALIZED, None, loaded_tokens=loaded)
         self._settle_finishing(req_id)
 
     def _settle_finishing(self, req_id: str) -> None:
@@ -622,7 +781,8 @@ class SchedulerSide:
 
     # ------------------------------------------------------------------ request_finished
     def request_finished(self, request: Any) -> None:
-        """Release everything held for the request. In discovery mode a fully computed prompt becomes a donor."""
+        """Release everything held for the request. In discovery mode (and in blend mode where blending cannot run)
+        a fully computed prompt becomes a donor without KV."""
         req_id = request.request_id
         st = self._requests.pop(req_id, None)
         self._pending_loads.pop(req_id, None)
@@ -636,7 +796,7 @@ class SchedulerSide:
         else:
             self._load_votes.pop(req_id, None)
             self._finalize(st)
-        if (self.discovery_only and not st.unsupported
+        if ((self.discovery_only or self._registers_without_kv) and not st.unsupported
                 and int(getattr(request, "num_computed_tokens", 0)) >= st.num_prompt_tokens
                 and st.num_prompt_tokens >= max(self.adapter.min_donor_tokens, 1)):
             try:
@@ -647,6 +807,60 @@ class SchedulerSide:
     # ------------------------------------------------------------------ introspection
     def resident_donors(self) -> int:
         return sum(1 for r in self._resident.values() if r.votes >= self.num_workers)
+
+
+def _spans_in(plan: SemanticKvPlan, lo: int, hi: int) -> list[Any]:
+    """The plan's spans that reach into target ``[lo, hi)``."""
+    return [sp for sp in plan.spans if sp.target_end > lo and sp.target_start < hi]
+
+
+def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
+
+
+def _with_sink_recompute(plan: SemanticKvPlan, num_local: int, end: int) -> SemanticKvPlan:
+    """``plan`` with target ``[max(num_local, exact_end), SINK_TOKENS)`` in its mandatory recompute ranges, where
+    ``exact_end`` is the end of a context-exact first span (0 without one). The first tokens are the model's
+    attention sinks: moved KV there makes answers diverge (``semblend_core.plan.SINK_TOKENS``); recomputed at every
+    layer over a context that is itself exact or recomputed, they are a cold prefill's KV."""
+    first = min(plan.spans, key=lambda sp: sp.target_start) if plan.spans else None
+    exact_end = first.target_end if first is not None and first.context_exact else 0
+    lo, hi = max(num_local, exact_end), min(SINK_TOKENS, end)
+    if lo >= hi:
+        return plan
+    return dataclasses.replace(plan, recompute_ranges=_merge_ranges((*plan.recompute_ranges, (lo, hi))))
+
+
+def _reusable_tokens(plan: SemanticKvPlan, lo: int, hi: int) -> int:
+    """Target tokens in ``[lo, hi)`` a span covers and no mandatory recompute range claims."""
+    if hi <= lo:
+        return 0
+    mask = np.zeros(hi - lo, dtype=bool)
+    for sp in _spans_in(plan, lo, hi):
+        mask[max(sp.target_start, lo) - lo: min(sp.target_end, hi) - lo] = True
+    for a, b in plan.recompute_ranges:
+        if b > lo and a < hi:
+            mask[max(a, lo) - lo: min(b, hi) - lo] = False
+    return int(mask.sum())
+
+
+def _donors_of(spec: LoadSpec | BlendSpec) -> tuple[str, ...]:
+    """Donors a staged load or blend reads."""
+    if isinstance(spec, BlendSpec):
+        plan = spec.plan
+        return tuple(dict.fromkeys(plan.donor_of(sp) for sp in _spans_in(plan, spec.local_tokens, spec.num_tokens)
+                                   if plan.donor_of(sp) is not None))
+    return (spec.donor_id,) if spec.donor_id is not None else ()
+
+
+def _credited_blocks(spec: LoadSpec | BlendSpec) -> tuple[int, ...]:
+    return spec.credited_block_ids() if isinstance(spec, BlendSpec) else spec.block_ids
 
 
 def _contiguous_end(segments: Sequence[tuple[int, int, int]]) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from semblend.integration.vllm._config import MODE_PREFIX, base_namespace, parse_extra_config
+from semblend.integration.vllm._config import base_namespace, blend_decline_reason, parse_extra_config
 from semblend.integration.vllm._metadata import KvSignature, StepPlan, WorkerReport
 from semblend.integration.vllm._metrics import ConnectorStats
 from semblend_core import ConfigError
@@ -119,6 +119,17 @@ class SemBlendPromMetrics(KVConnectorPromMetrics):
             name="vllm:semblend_would_credit_tokens_per_request",
             documentation="discovery_only: tokens prefix mode would have credited, per planned request.",
             labelnames=labelnames, buckets=[0, 16, 64, 256, 1024, 4096, 16384, 65536])
+        self._blend_reused = self._counter_cls(
+            name="vllm:semblend_blend_reused_tokens",
+            documentation="blend: prompt tokens whose donor KV the blended prefill kept.", labelnames=labelnames)
+        self._blend_recomputed = self._counter_cls(
+            name="vllm:semblend_blend_recomputed_tokens",
+            documentation="blend: prompt tokens the blended prefill computed fresh (mean per layer).",
+            labelnames=labelnames)
+        self._blend_fraction = self._histogram_cls(
+            name="vllm:semblend_blend_recomputed_fraction",
+            documentation="blend: recomputed / (reused + recomputed) tokens, per hit.", labelnames=labelnames,
+            buckets=[0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
         buckets = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25]
         self._plan = self._histogram_cls(
             name="vllm:semblend_plan_seconds", documentation="SemBlend planning time per request.",
@@ -139,6 +150,13 @@ class SemBlendPromMetrics(KVConnectorPromMetrics):
             self._would.labels(*labels).inc(window.would_credit_tokens)
         for n in window.would_credit_samples:
             self._would_per_request.labels(*labels).observe(n)
+        if window.blend_reused_tokens:
+            self._blend_reused.labels(*labels).inc(window.blend_reused_tokens)
+        if window.blend_recomputed_tokens:
+            self._blend_recomputed.labels(*labels).inc(window.blend_recomputed_tokens)
+        for reused, recomputed in window.blend_hits:
+            if reused + recomputed:
+                self._blend_fraction.labels(*labels).observe(recomputed / (reused + recomputed))
         for s in window.plan_s:
             self._plan.labels(*labels).observe(s)
         for s in window.load_s:
@@ -222,11 +240,18 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
         self.rope, self.rope_exact, rope_reason = _rope_of(hf_config)
         spec = _single_attention_group(kv_cache_config)
-        if self.adapter.mode == MODE_PREFIX:
-            self._check_prefix_mode(vllm_config, kv_cache_config, spec)
+        self.blend_unavailable = ""
+        if self.adapter.materializes:
+            self._check_materializing_mode(self.adapter.mode, vllm_config, kv_cache_config, spec)
             if not self.rope_exact:
                 logger.warning("SemBlend: RoPE re-rotation is not exact for this model (%s); only context-exact "
-                               "prefixes will be loaded", rope_reason)
+                               "KV will be reused", rope_reason)
+        if self.adapter.blend:
+            self._check_blend_mode(hf_config)
+            self.blend_unavailable = blend_decline_reason(vllm_config)
+            if self.blend_unavailable:
+                logger.warning("SemBlend: mode 'blend' cannot run on this deployment (%s): every hit is declined "
+                               "and prefilled normally (docs/vllm.md)", self.blend_unavailable)
         self.namespace = base_namespace(vllm_config)
         self.scheduler_side = None
         self.worker_side = None
@@ -239,19 +264,27 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ start-up
     @staticmethod
-    def _check_prefix_mode(vllm_config: Any, kv_cache_config: Any, spec: Any) -> None:
+    def _check_materializing_mode(mode: str, vllm_config: Any, kv_cache_config: Any, spec: Any) -> None:
         kv_transfer = vllm_config.kv_transfer_config
         policy = getattr(kv_transfer, "kv_load_failure_policy", "recompute")
         if policy != "recompute":
-            raise ConfigError(f"SemBlend mode 'prefix' needs kv_load_failure_policy='recompute' (got {policy!r}): "
+            raise ConfigError(f"SemBlend mode {mode!r} needs kv_load_failure_policy='recompute' (got {policy!r}): "
                               "a donor load that fails must fall back to prefill, not fail the request")
         if kv_cache_config is not None and spec is None:
-            raise ConfigError("SemBlend mode 'prefix' supports models whose KV cache is one full-attention group; "
+            raise ConfigError(f"SemBlend mode {mode!r} supports models whose KV cache is one full-attention group; "
                               "this model has sliding-window, hybrid or several KV cache groups. No SemBlend mode "
                               "suits it: any KV connector turns off vLLM's hybrid KV cache manager; run it without "
                               "the connector (docs/vllm.md)")
         if getattr(vllm_config.model_config, "is_encoder_decoder", False):
-            raise ConfigError("SemBlend mode 'prefix' does not support encoder-decoder models")
+            raise ConfigError(f"SemBlend mode {mode!r} does not support encoder-decoder models")
+
+    def _check_blend_mode(self, hf_config: Any) -> None:
+        """Blend settings that depend on the model: the check layer must exist."""
+        num_layers = int(getattr(hf_config, "num_hidden_layers", 0) or 0)
+        layer = self.adapter.check_layer
+        if layer is not None and num_layers and layer >= num_layers:
+            raise ConfigError(f"kv_connector_extra_config.check_layers={list(self.adapter.check_layers)} is not "
+                              f"allowed for this model: allowed: one layer in [0, {num_layers - 1}] or []")
 
     def _build_scheduler_side(self, vllm_config: Any, kv_cache_config: Any, spec: Any, hf_config: Any) -> Any:
         from semblend.integration.vllm._scheduler import SchedulerSide
@@ -270,7 +303,8 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         workers = int(getattr(parallel, "tensor_parallel_size", 1)) * int(getattr(parallel, "pipeline_parallel_size",
                                                                                  1))
         side = SchedulerSide(pipeline, self.adapter, self.namespace, block_size=int(vllm_config.cache_config.block_size),
-                             rope_exact=self.rope_exact, kv_signature=signature, num_workers=workers)
+                             rope_exact=self.rope_exact, kv_signature=signature, num_workers=workers,
+                             blend_unavailable=self.blend_unavailable)
         hash_block_size = getattr(kv_cache_config, "hash_block_size", None)
         self._hash_block_size = int(hash_block_size) if hash_block_size else None
         return side

@@ -48,6 +48,45 @@ def test_load_moved_prefix_is_off_by_default_and_parses_env_style_strings():
     assert parse_extra_config({"load_moved_prefix": False}, environ={})[0].load_moved_prefix is False
 
 
+def test_blend_mode_keys_map_onto_the_core_and_the_executor():
+    adapter, core = parse_extra_config({"mode": "blend", "recompute_ratio": 0.15, "check_layers": [3],
+                                        "selection": "position"}, environ={})
+    assert adapter.blend and adapter.materializes and core.discovery_only is False
+    assert core.recompute_budget == 0.15                      # recompute_ratio is the core's recompute_budget
+    assert adapter.check_layers == (3,) and adapter.check_layer == 3 and adapter.selection == "position"
+    # Env-style strings, the seed plugin's flag style, and the same value given under both names.
+    adapter, core = parse_extra_config({"mode": "blend", "recompute_ratio": "0.3", "check_layers": "2",
+                                        "recompute_budget": 0.3}, environ={})
+    assert core.recompute_budget == 0.3 and adapter.check_layer == 2
+    assert parse_extra_config({"mode": "blend", "check_layers": []}, environ={})[0].check_layer is None
+    # Without recompute_ratio the core's budget (env, then extra config) stands.
+    _, core = parse_extra_config({"mode": "blend"}, environ={"SEMBLEND_RECOMPUTE_BUDGET": "0.05"})
+    assert core.recompute_budget == 0.05
+
+
+def test_blend_default_check_layer_is_the_transformers_engines():
+    from semblend.integration.vllm._config import DEFAULT_CHECK_LAYER
+
+    adapter, _ = parse_extra_config({"mode": "blend"}, environ={})
+    assert adapter.check_layer == DEFAULT_CHECK_LAYER and adapter.selection is None
+    engine = pytest.importorskip("semblend.integration.transformers.engine",
+                                 reason="the transformers engine needs transformers")
+    assert engine.EngineOptions().check_layer == DEFAULT_CHECK_LAYER
+
+
+def test_blend_capability_is_read_from_vllms_config():
+    from semblend.integration.vllm._config import blend_decline_reason
+
+    assert blend_decline_reason(vllm_config()) == ""
+    assert blend_decline_reason(vllm_config(parallel_config__tensor_parallel_size=2)) == "blend_tensor_parallel"
+    assert blend_decline_reason(vllm_config(parallel_config__pipeline_parallel_size=2)) == "blend_pipeline_parallel"
+    gemma = {"model_type": "gemma2", "rope_theta": 1e4, "head_dim": 128}
+    assert blend_decline_reason(vllm_config(model_config__hf_config=gemma)) == "unsupported_model_type:gemma2"
+    clipped = {"model_type": "llama", "rope_theta": 1e4, "head_dim": 128, "clip_qkv": 8.0}
+    assert blend_decline_reason(vllm_config(model_config__hf_config=clipped)).startswith(
+        "unsupported_config:clip_qkv")
+
+
 def test_env_is_the_base_and_extra_config_wins():
     _, core = parse_extra_config({"min_similarity": 0.8}, environ={"SEMBLEND_MIN_SIMILARITY": "0.5",
                                                                     "SEMBLEND_CHUNK_SIZE": "32"})
@@ -56,10 +95,26 @@ def test_env_is_the_base_and_extra_config_wins():
 
 @pytest.mark.parametrize("extra,match", [
     ({"min_similarty": 0.7}, r"unknown SemBlend config key.*min_similarty.*allowed: .*min_similarity"),
-    ({"mode": "blend"}, r"mode='blend' is not allowed; allowed: discovery_only, prefix"),
+    ({"mode": "blnd"}, r"mode='blnd' is not allowed; allowed: discovery_only, prefix, blend"),
     ({"donor_kv_gpu_bytes": -1}, r"donor_kv_gpu_bytes=-1"),
     ({"mode": "prefix", "discovery_only": True}, r"discovery_only=True but mode='prefix'"),
     ({"load_moved_prefix": "maybe"}, r"load_moved_prefix='maybe' is not allowed; allowed: true, false"),
+    ({"mode": "blend", "recompute_ratio": 1.5}, r"recompute_ratio=1.5 is not allowed; allowed: a number in \[0, 1\]"),
+    ({"mode": "blend", "recompute_ratio": "lots"}, r"recompute_ratio='lots' is not allowed"),
+    ({"mode": "blend", "recompute_ratio": True}, r"recompute_ratio=True is not allowed"),
+    ({"mode": "blend", "recompute_ratio": 0.1, "recompute_budget": 0.2},
+     r"recompute_ratio=0.1 and recompute_budget=0.2: they are the same setting"),
+    ({"mode": "blend", "check_layers": [0, 16, 32]},
+     r"check_layers=\[0, 16, 32\] is not allowed: .*one layer.*allowed: an integer >= 0, a list of exactly one"),
+    ({"mode": "blend", "check_layers": "0 16 32"}, r"check_layers=\[0, 16, 32\] is not allowed"),
+    ({"mode": "blend", "check_layers": -1}, r"check_layers=-1 is not allowed; allowed: an integer >= 0"),
+    ({"mode": "blend", "check_layers": ["x"]}, r"check_layers=\['x'\] is not allowed"),
+    ({"mode": "blend", "selection": "random"}, r"selection='random' is not allowed; allowed: query, position"),
+    ({"mode": "prefix", "recompute_ratio": 0.1}, r"recompute_ratio applies only to mode 'blend'"),
+    ({"check_layers": 2}, r"check_layers applies only to mode 'blend'"),
+    ({"mode": "prefix", "selection": "query"}, r"selection applies only to mode 'blend'"),
+    ({"mode": "blend", "load_moved_prefix": True}, r"load_moved_prefix applies only to mode 'prefix'"),
+    ({"mode": "blend", "recompute_rato": 0.1}, r"unknown SemBlend config key.*recompute_rato"),
 ])
 def test_bad_keys_fail_naming_what_is_allowed(extra, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -125,3 +180,13 @@ def test_register_donors_is_no_longer_accepted():
     assert "register_donors" not in ADAPTER_KEYS
     with pytest.raises(ConfigError, match="register_donors"):
         parse_extra_config({"mode": "prefix", "register_donors": False})
+
+
+def test_an_engine_without_blend_refuses_it():
+    """The TensorRT-LLM adapter shares these keys but offers no blend mode (``modes``)."""
+    modes = ("discovery_only", "prefix")
+    with pytest.raises(ConfigError, match=r"mode='blend' is not allowed; allowed: discovery_only, prefix"):
+        parse_extra_config({"mode": "blend"}, environ={}, modes=modes)
+    with pytest.raises(ConfigError, match=r"recompute_ratio is not allowed: this engine has no blend mode"):
+        parse_extra_config({"mode": "prefix", "recompute_ratio": 0.1}, environ={}, modes=modes)
+    assert parse_extra_config({"mode": "prefix"}, environ={}, modes=modes)[0].mode == "prefix"

@@ -212,3 +212,180 @@ def test_a_moved_first_block_is_declined_by_default_unless_it_is_exact():
     t2 = request("t2", A + D[:128] + Q)
     assert s.get_num_new_matched_tokens(t2, 0) == (192, False)
     s.request_finished(t2)
+
+
+# ------------------------------------------------------------------------------------------------ blend mode
+X, D1, Y, D2, I, Q16 = toks(11, 64), toks(12, 320), toks(13, 64), toks(14, 160), toks(15, 32), toks(16, 16)
+
+
+def blend_side(num_workers=1, rope_exact=True, blend_unavailable="", **core):
+    pipe = SemBlendPipeline(SemBlendConfig(discovery_only=False, **core))
+    return SchedulerSide(pipe, VllmAdapterConfig(mode="blend", min_donor_tokens=32), NS, block_size=BS,
+                         rope_exact=rope_exact, kv_signature=SIG, num_workers=num_workers,
+                         blend_unavailable=blend_unavailable)
+
+
+def make_resident(s, donor_id, tokens, votes=1, signature=SIG):
+    """A donor whose capture every worker confirmed (what update_connector_output does after a real capture)."""
+    s._awaiting_capture[(NS.key, donor_id)] = (np.asarray(tokens), NS)
+    for _ in range(votes):
+        s.update_connector_output(WorkerReport(saved=(SavedDonor(NS.key, donor_id, len(tokens), signature, 0),)))
+
+
+def step_out():
+    return SimpleNamespace(preempted_req_ids=set(), num_scheduled_tokens={}, scheduled_new_reqs=[],
+                           scheduled_cached_reqs=None)
+
+
+def reasons(s):
+    return s.pipeline.stats()["reasons"]
+
+
+def test_blend_credits_to_the_end_of_the_reusable_region_across_donors():
+    s = blend_side()
+    make_resident(s, "d1", X + D1)
+    make_resident(s, "d2", Y + D2)
+    target = I + D1 + D2 + Q16                               # 528 tokens: instruction, two passages, question
+    req = request("t", target)
+    assert s.get_num_new_matched_tokens(req, 0) == (512, False)  # last span ends at 512; instruction included
+    s.update_state_after_alloc(req, list(range(33)), 512)
+    plan = s.build_connector_meta(step_out())
+    assert plan.loads == () and len(plan.blends) == 1
+    (b,) = plan.blends
+    assert (b.num_tokens, b.local_tokens, b.num_blended, b.check_layer, b.selection) == (512, 0, 512, 1, None)
+    assert b.token_ids == tuple(target[:512]) and b.block_ids == tuple(range(32))
+    assert b.plan.donor_ids == ("d1", "d2")
+    assert [(sp.donor_id, sp.donor_start, sp.target_start, sp.length) for sp in b.plan.spans] == [
+        ("d1", 64, 32, 320), ("d2", 64, 352, 160)]
+    # Uncovered instruction and seam heads are mandatory (the sink positions lie inside the uncovered range).
+    assert b.plan.recompute_ranges[:2] == ((0, 36), (352, 356))
+    s.update_connector_output(WorkerReport(loaded=(("t", 512),), blended=(("t", 470, 42),)))
+    s.request_finished(req)
+    stats = s.pipeline.stats()
+    assert stats["outcomes"]["materialized"] == 1 and stats["loaded_tokens"] == 470  # reuse = donor KV kept
+    window = s.stats.take()
+    assert window["blend_hits"] == [[470, 42]] and window["credited_tokens"] == 512
+    assert s.num_tracked_requests() == 0
+
+
+def test_blend_drops_a_missing_donor_and_regates_the_plan():
+    s = blend_side()
+    make_resident(s, "d1", X + D1)
+    s._awaiting_capture[(NS.key, "d2")] = (np.asarray(Y + D2), NS)  # registered in the planner, KV not resident:
+    s.pipeline.register_donor("d2", Y + D2, namespace=NS)            # the plan uses it, the workers lack it
+    req = request("t", I + D1 + D2 + Q16)
+    assert s.get_num_new_matched_tokens(req, 0) == (352, False)     # d1's passage only
+    assert s._requests["t"].plan.donor_ids == ("d1", "d2")          # the pipeline's plan is kept as planned
+    s.update_state_after_alloc(req, list(range(33)), 352)
+    (b,) = s.build_connector_meta(step_out()).blends
+    assert b.plan.donor_ids == ("d1",) and b.plan.detail("dropped_donors") == ["d2"]
+    s.request_finished(req)
+
+    # Without d1 the rest fails the quality gates: declined before any credit.
+    s2 = blend_side()
+    make_resident(s2, "d2", Y + D2)
+    s2.pipeline.register_donor("d1", X + D1, namespace=NS)
+    req = request("t", I + D1 + D2 + Q16)
+    assert s2.get_num_new_matched_tokens(req, 0) == (0, False)
+    s2.request_finished(req)
+    assert reasons(s2).get(DeclineReason.DONOR_KV_EVICTED) == 1
+
+
+def test_blend_declines_before_credit_with_one_reason_each():
+    target = I + D1 + Q16
+
+    def decline(s, num_local=0, req_id="t", tokens=target):
+        req = request(req_id, tokens)
+        if num_local:  # planned on a first admission, re-admitted with a longer local hit (the plan is kept)
+            assert s.get_num_new_matched_tokens(req, 0)[0] > 0
+        assert s.get_num_new_matched_tokens(req, num_local) == (0, False)
+        s.update_state_after_alloc(req, list(range(40)), 0)
+        assert s.build_connector_meta(step_out()).blends == ()
+        s.request_finished(req)
+        return s.pipeline.stats()
+
+    for unavailable in ("blend_tensor_parallel", "blend_pipeline_parallel", "unsupported_model_type:gemma2"):
+        s = blend_side(blend_unavailable=unavailable)
+        make_resident(s, "d1", X + D1)
+        assert decline(s)["reasons"].get(unavailable) == 1
+
+    s = blend_side(rope_exact=False)                          # the span moves by -32: needs exact re-rotation
+    make_resident(s, "d1", X + D1)
+    assert decline(s)["reasons"].get(DeclineReason.ROPE_NOT_SHIFT_INVARIANT) == 1
+
+    s = blend_side()
+    make_resident(s, "d1", X + D1, signature=KvSignature("float16", 4, 128))
+    assert decline(s)["reasons"].get(DeclineReason.KV_LAYOUT_MISMATCH) == 1
+
+    s = blend_side()
+    make_resident(s, "d1", X + D1, votes=1)
+    s.num_workers = 2                                          # one worker of two holds it: not resident
+    assert decline(s)["reasons"].get(DeclineReason.DONOR_KV_EVICTED) == 1
+
+    # vLLM's own hit reaches the end of the reusable region (a re-admission with a longer local hit).
+    s = blend_side()
+    make_resident(s, "d1", X + D1)
+    stats = decline(s, num_local=352)
+    assert stats["reasons"].get(DeclineReason.ENGINE_PREFIX_COVERS) == 1 and stats["outcomes"]["exact"] == 1
+    # ... or leaves fewer than chunk_size reusable tokens beyond it (16 < 32).
+    s = blend_side(chunk_size=32)
+    make_resident(s, "d1", X + D1)
+    assert decline(s, num_local=336)["reasons"].get(DeclineReason.NO_GAIN) == 1
+
+
+def test_a_worker_that_cannot_blend_stops_further_credit():
+    s = blend_side()
+    make_resident(s, "d1", X + D1)
+    waiting = request("w", I + D1 + Q16)
+    assert s.get_num_new_matched_tokens(waiting, 0) == (352, False)  # credited while it waits for a slot
+    s.update_connector_output(WorkerReport(blend_unavailable=("self_check_failed:blend_kv",)))
+    assert s.get_num_new_matched_tokens(waiting, 0) == (0, False)   # re-checked before vLLM commits it
+    req = request("t", I + D1 + Q16)
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    for r in (waiting, req):
+        s.request_finished(r)
+    assert reasons(s).get("self_check_failed:blend_kv") == 2
+
+
+def test_blend_recomputes_sink_tokens_unless_context_exact_or_local():
+    """The moved-first-block rule does not decline a blend: positions [0, SINK_TOKENS) become mandatory recompute
+    when their KV would be moved donor KV, and stay reusable when the donor's first span is context-exact or vLLM's
+    own hit covers them."""
+    from semblend_core.plan import SINK_TOKENS
+
+    def blend_of(tokens, num_local=0):
+        s = blend_side()
+        make_resident(s, "d1", X + D1)
+        req = request("t", tokens)
+        credit, _ = s.get_num_new_matched_tokens(req, num_local)
+        assert credit > 0
+        s.update_state_after_alloc(req, list(range(40)), credit)
+        (b,) = s.build_connector_meta(step_out()).blends
+        s.request_finished(req)
+        return b
+
+    moved = blend_of(D1 + Q16)                                 # the passage moved to the prompt's start
+    assert moved.plan.spans[0].target_start == 0 and not moved.plan.spans[0].context_exact
+    assert moved.plan.recompute_ranges[0] == (0, SINK_TOKENS)
+    exact = blend_of(X + D1[:200] + Q16)                       # starts like the donor: context-exact
+    assert exact.plan.spans[0].context_exact and all(a >= SINK_TOKENS for a, _ in exact.plan.recompute_ranges)
+    local = blend_of(D1 + Q16, num_local=16)                  # vLLM's own block holds the first 16 tokens
+    assert local.local_tokens == 16
+    assert not any(b > 16 and a < SINK_TOKENS + 16 for a, b in local.plan.recompute_ranges), \
+        local.plan.recompute_ranges                            # nothing mandatory right after vLLM's block
+
+
+def test_failed_blend_reports_only_credited_blocks_and_retires_its_donors():
+    s = blend_side()
+    make_resident(s, "d1", X + D1)
+    make_resident(s, "d2", Y + D2)
+    req = request("t", I + D1 + D2 + Q16)
+    assert s.get_num_new_matched_tokens(req, 32) == (480, False)  # vLLM's own hit: the first two blocks
+    s.update_state_after_alloc(req, list(range(33)), 480)
+    (b,) = s.build_connector_meta(step_out()).blends
+    assert b.local_tokens == 32 and b.credited_block_ids() == tuple(range(2, 32))
+    s.update_connector_output(None, invalid_block_ids=set(b.credited_block_ids()))
+    s.request_finished(req)
+    assert reasons(s).get(DeclineReason.LOAD_FAILED) == 1
+    assert s.resident_donors() == 0 and len(s.pipeline.store) == 0
+    assert s.num_tracked_requests() == 0

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Sequence
@@ -278,8 +279,10 @@ class Engine:
     """Real scheduler + real worker-side connector + stand-in model, stepped like vLLM's engine core."""
 
     def __init__(self, vllm_config: Any, num_blocks: int = 256, layout: str = "LBHNC", backend: str = "cpu_vec",
-                 worker: bool = True) -> None:
+                 worker: bool = True, stand_in_blend: bool = True) -> None:
         self.vllm_config = vllm_config
+        self.stand_in_blend = stand_in_blend
+        self.blends_seen: list[Any] = []
         self.block_size = vllm_config.cache_config.block_size
         self.scheduler = make_scheduler(vllm_config, num_blocks)
         self.requests: dict[str, Any] = {}
@@ -335,13 +338,21 @@ class Engine:
         plan = getattr(meta, "plan", None)
         errors: set[int] = set()
         wmeta = None
+        blend_report = None
         if self.worker is not None:
+            blends = tuple(getattr(plan, "blends", ()) or ())
+            self.blends_seen.extend(blends)
+            if blends and self.stand_in_blend:
+                meta = type(meta)(dataclasses.replace(plan, blends=()))
             self.worker.bind_connector_metadata(meta)
             if fail_loads:
                 self.worker.worker_side.store = _BrokenStore(self.worker.worker_side.store)
             self.worker.start_load_kv(None)
             if fail_loads:
                 self.worker.worker_side.store = self.worker.worker_side.store.inner
+            if blends and self.stand_in_blend:
+                blend_report, blend_errors = self._stand_in_blends(blends, fail=fail_loads)
+                errors |= blend_errors
         if before_forward is not None:
             before_forward(out)
         if self.model is not None:
@@ -351,8 +362,15 @@ class Engine:
                 self.model.write(toks, range(start, start + len(toks)), self.block_ids[req_id])
         if self.worker is not None:
             self.worker.wait_for_save()
-            errors = self.worker.get_block_ids_with_load_errors()
+            errors |= self.worker.get_block_ids_with_load_errors()
             wmeta = self.worker.build_connector_worker_meta()
+            if blend_report is not None:
+                from semblend.integration.vllm.connector_v1 import SemBlendWorkerMetadata
+
+                if wmeta is None:
+                    wmeta = SemBlendWorkerMetadata(dataclasses.replace(blend_report, workers=1))
+                else:
+                    wmeta = SemBlendWorkerMetadata(wmeta.report.merge(blend_report))
             self.worker.clear_connector_metadata()
         req_ids = [w[0] for w in work]
         sampled = []
@@ -367,6 +385,50 @@ class Engine:
                                 pooler_output=None, kv_connector_output=kv_out)
         eco = self.scheduler.update_from_output(out, mro)
         return StepResult(out, eco, plan.loads if plan else (), plan.saves if plan else (), errors)
+
+    def _stand_in_blends(self, blends: Sequence[Any], *, fail: bool) -> tuple[Any, set[int]]:
+        """What a correct blended prefill writes, for the stand-in model: every span's donor KV read from the
+        worker's real donor KV store at the span's donor positions and re-rotated by its delta; every other
+        position of ``[local_tokens, num_tokens)`` (uncovered, or in the plan's recompute ranges) computed fresh
+        by the model. A stand-in because the executor needs a real model (the e2e suite runs it); since the
+        stand-in model's K/V are context-free, a correct BlendSpec yields exactly a cold prefill's KV."""
+        from semblend.integration.vllm._metadata import WorkerReport
+        from semblend_core.rope_correction import rerotate_keys
+
+        report, errors = WorkerReport(workers=0), set()
+        store = self.worker.worker_side.store
+        for spec in blends:
+            if fail:
+                errors.update(spec.credited_block_ids())
+                report = report.merge(WorkerReport(load_failed=(spec.req_id,), workers=0))
+                continue
+            lo, hi = spec.local_tokens, spec.num_tokens
+            fresh = np.ones(hi - lo, dtype=bool)
+            for span in spec.plan.spans:
+                a, b = max(span.target_start, lo), min(span.target_end, hi)
+                if a < b:
+                    fresh[a - lo:b - lo] = False
+            for a, b in spec.plan.recompute_ranges:
+                if b > lo and a < hi:
+                    fresh[max(a, lo) - lo:min(b, hi) - lo] = True
+            slots = spec.slots()
+            for span in spec.plan.spans:
+                pos = [p for p in range(max(span.target_start, lo), min(span.target_end, hi)) if not fresh[p - lo]]
+                if not pos:
+                    continue
+                kv = store.get(spec.namespace_key, spec.plan.donor_of(span)).kv
+                src = torch.tensor([p - span.delta for p in pos], dtype=torch.long)
+                dst = torch.tensor([slots[p] for p in pos], dtype=torch.long)
+                for layer, cache in enumerate(self.model.caches):
+                    k = rerotate_keys(kv[layer, 0, src].float(), span.delta, self.model.rope)
+                    self.backend.write(k, kv[layer, 1, src].float(), cache, dst)
+            recompute = [lo + i for i in np.flatnonzero(fresh).tolist()]
+            toks = [spec.token_ids[p] for p in recompute]
+            self.model.write(toks, recompute, list(spec.block_ids))
+            report = report.merge(WorkerReport(loaded=((spec.req_id, spec.num_blended),),
+                                               blended=((spec.req_id, spec.num_blended - len(recompute),
+                                                         len(recompute)),), workers=0))
+        return report, errors
 
     def run_until_done(self, max_steps: int = 200) -> list[StepResult]:
         results = []
