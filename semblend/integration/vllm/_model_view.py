@@ -30,7 +30,7 @@ from semblend_core.blended_prefill import BlendModelView
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VllmModelView", "build_view", "model_support"]
+__all__ = ["VllmModelView", "build_view", "model_support", "rotary_self_check"]
 
 _M = "vllm.model_executor.models"
 # decoder layer class -> (its module, attention class, MLP class)
@@ -201,12 +201,55 @@ class VllmModelView(BlendModelView):
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
 
+SELF_CHECK_TOL = 1e-2  # relative error of the rotation check in the model's dtype (bf16 is ~4e-3)
+
+
+def rotary_self_check(view: VllmModelView, model: Any) -> float:
+    """Relative error between the rotate-half rotation with :meth:`VllmModelView.rotary`'s tables (what the
+    executor applies) and vLLM's own ``rotary_emb`` forward of layer 0, on seeded q/k at positions spread over the
+    model's range (0 to ``max_position - 1``). Start-up only: a few hundred rows, no weights involved."""
+    import torch
+
+    rot = model.model.layers[0].self_attn.rotary_emb
+    cache = rot.cos_sin_cache
+    device, dtype = cache.device, next(model.parameters()).dtype
+    n, d = 64, view.head_dim
+    positions = torch.linspace(0, int(cache.shape[0]) - 1, n, device=device).round().to(torch.int64)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(n, view.num_heads, d, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(n, view.num_kv_heads, d, generator=gen).to(device=device, dtype=dtype)
+    cos, sin = view.rotary(positions)
+    cos, sin = cos[:, None].float(), sin[:, None].float()
+
+    def rotate(x: Any) -> Any:
+        x = x.float()
+        half = torch.cat((-x[..., d // 2:], x[..., :d // 2]), dim=-1)
+        return x * cos + half * sin
+
+    want_q, want_k = rotate(q), rotate(k)
+    got_q, got_k = rot(positions, q.reshape(n, -1).clone(), k.reshape(n, -1).clone())
+    err = 0.0
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        got = got.reshape(want.shape).float()
+        err = max(err, float((got - want).norm() / want.norm().clamp_min(1e-30)))
+    return err
+
+
 def build_view(model: Any) -> tuple[VllmModelView | None, str]:
-    """``(view, "")`` for a supported vLLM model, ``(None, reason)`` otherwise. Never raises."""
+    """``(view, "")`` for a supported vLLM model, ``(None, reason)`` otherwise: the structural check
+    (:func:`model_support`), then :func:`rotary_self_check` (``self_check_failed:rotary`` above
+    :data:`SELF_CHECK_TOL`). Never raises; runs under ``torch.inference_mode``."""
+    import torch
+
     try:
         reason = model_support(model)
         if reason:
             return None, reason
-        return VllmModelView(model), ""
+        view = VllmModelView(model)
+        with torch.inference_mode():
+            err = rotary_self_check(view, model)
+        if not err <= SELF_CHECK_TOL:
+            return None, f"self_check_failed:rotary:{err:.3g}"
+        return view, ""
     except Exception as exc:  # noqa: BLE001 -- an unreadable model is a decline, never a crash
         return None, f"unsupported_layer_structure:{type(exc).__name__}: {exc}"

@@ -81,6 +81,15 @@ def _local_tokens(spec: BlendSpec) -> int:
     return int(getattr(spec, "local_tokens", 0) or 0)
 
 
+def _selection(name: str | None) -> Any:
+    """The executor's ``SelectionStrategy`` for a configured name (None: the deviation check picks)."""
+    if name is None:
+        return None
+    from semblend_core.recompute import SelectionStrategy
+
+    return SelectionStrategy(name=name)
+
+
 def copy_spec(head_size: int) -> RopeSpec:
     """A shift-free spec for delta-0 copies (captures, context-exact loads): the kernel never rotates with it."""
     return RopeSpec(head_dim=head_size, rotary_dim=2, inv_freq=np.zeros(1), rope_type="copy")
@@ -334,11 +343,14 @@ class WorkerSide:
         ``reason`` (plugin not active, model not supported, TP > 1): then every blend is declined and vLLM
         recomputes. Call once, after ``register_kv_caches``."""
         self.blend_view = view
-        self.blend_error = "" if view is not None else (reason or "no model view")
+        self.blend_error = "" if view is not None else (reason or "no_model_view")
         if view is None:
-            logger.error("SemBlend: blend mode cannot run on this worker (%s); every blended request will be "
-                         "recomputed by vLLM", self.blend_error)
+            logger.error("SemBlend: blend mode cannot run on this worker (%s); blend hits are declined and "
+                         "prefilled normally", self.blend_error)
             self._blend_error_logged = True
+            # Once: the scheduler then declines every later hit before crediting it (a stable reason).
+            self._report = self._report.merge(WorkerReport(blend_unavailable=(self.blend_error.split(" ")[0]
+                                                                              .rstrip(":"),), workers=0))
 
     def _run_blend(self, spec: BlendSpec) -> None:
         """One request's blend; never raises (any failure reports every block of the request)."""
@@ -353,17 +365,19 @@ class WorkerSide:
             else:
                 logger.warning("SemBlend: blend for %s failed (%s: %s); vLLM will recompute %d tokens", spec.req_id,
                                type(exc).__name__, exc, spec.num_tokens)
-            self._errors.update(spec.block_ids)
+            # vLLM's own exact blocks below local_tokens stay valid (and shared): only the credited ones go back.
+            self._errors.update(spec.block_ids[_local_tokens(spec) // spec.block_size:])
             self._report = self._report.merge(WorkerReport(load_failed=(spec.req_id,), workers=0))
             return
-        seconds = time.perf_counter() - t0
-        local = _local_tokens(spec)
+        blended = spec.num_tokens - _local_tokens(spec)
+        recomputed = min(blended, record)
         self._report = self._report.merge(WorkerReport(
-            loaded=((spec.req_id, spec.num_tokens - local),), load_s=(seconds,),
-            blended=((spec.req_id,) + record + (seconds,),), workers=0))
+            loaded=((spec.req_id, blended),), load_s=(time.perf_counter() - t0,),
+            blended=((spec.req_id, blended - recomputed, recomputed),), workers=0))
 
-    def _blend(self, spec: BlendSpec) -> tuple[int, int, int]:
-        """Fill ``[local_tokens, num_tokens)`` of the request's blocks; ``(reused, recomputed, token_layers)``."""
+    def _blend(self, spec: BlendSpec) -> int:
+        """Fill ``[local_tokens, num_tokens)`` of the request's blocks. Returns the recomputed tokens: the
+        executor's token-layers over the layer count, rounded (mean tokens computed fresh per layer)."""
         import torch
 
         from semblend_core.blended_prefill import assemble_kv, run_blended_prefill
@@ -415,15 +429,11 @@ class WorkerSide:
                 self._scratch_rows(k, v, 0, slots[:local], to_cache=False)
             ids = torch.as_tensor(target, device=self._device)
             stats, _ = run_blended_prefill(view, ids, k, v, plan, reuse_len=n, logits=False, fixed_prefix=local,
-                                           check_layer=int(getattr(spec, "check_layer", 1)))
+                                           check_layer=getattr(spec, "check_layer", 1),
+                                           selection=_selection(getattr(spec, "selection", None)))
             self._scratch_rows(k, v, local, slots[local:], to_cache=True)
         self.recent_blends.append((spec.req_id, stats))
-        covered = np.zeros(n, dtype=bool)
-        for s in spans:
-            covered[s.target_start:min(s.target_end, n)] = True
-        covered[:local] = False
-        recomputed = int(stats.mandatory)
-        return int(covered.sum()), recomputed, int(stats.token_layers)
+        return int(round(stats.token_layers / max(1, view.num_layers)))
 
     def _scratch_rows(self, k: Any, v: Any, start: int, slots: Any, *, to_cache: bool) -> None:
         """Copy scratch rows ``[start, start + len(slots))`` of every layer (``k``/``v``: ``[num_layers,

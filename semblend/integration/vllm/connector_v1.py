@@ -245,11 +245,6 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
         self.rope, self.rope_exact, rope_reason = _rope_of(hf_config)
         spec = _single_attention_group(kv_cache_config)
-        if self.adapter.mode == MODE_BLEND:
-            from semblend.integration.vllm import _plugin
-
-            if not _plugin.is_registered():
-                raise ConfigError(_plugin.NOT_REGISTERED)
         if self.adapter.mode == MODE_PREFIX:
             self._check_prefix_mode(vllm_config, kv_cache_config, spec)
             if not self.rope_exact:
@@ -304,7 +299,11 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         return side
 
     def _build_worker_side(self, vllm_config: Any, spec: Any) -> Any:
+        from semblend.integration.vllm import _plugin
         from semblend.integration.vllm._worker import WorkerSide
+
+        if self.adapter.mode == MODE_BLEND and not _plugin.is_registered():
+            raise ConfigError(_plugin.NOT_REGISTERED)  # the worker could never reach the model: say so at start-up
 
         head_size = int(spec.head_size) if spec is not None else int(vllm_config.model_config.get_head_size())
         return WorkerSide(None, self.rope if self.rope_exact else None, head_size=head_size,
