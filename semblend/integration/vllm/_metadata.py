@@ -138,12 +138,9 @@ class WorkerReport:
     load_s: tuple[float, ...] = field(default=())
     save_s: tuple[float, ...] = field(default=())
     workers: int = 1
-    # blend mode: (req_id, reused tokens, recomputed tokens, recomputed token-layers, executor seconds) per blend
-    blended: tuple[tuple[str, int, int, int, float], ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.saved or self.save_failed or self.evicted or self.loaded or self.load_failed
-                    or self.blended)
+        return bool(self.saved or self.save_failed or self.evicted or self.loaded or self.load_failed)
 
     def merge(self, other: WorkerReport) -> WorkerReport:
         return WorkerReport(
@@ -151,5 +148,4 @@ class WorkerReport:
             evicted=self.evicted + other.evicted, loaded=self.loaded + other.loaded,
             load_failed=self.load_failed + other.load_failed, load_s=self.load_s + other.load_s,
             save_s=self.save_s + other.save_s, workers=self.workers + other.workers,
-            blended=self.blended + other.blended,
         )
