@@ -174,7 +174,8 @@ class WorkerSide:
         self.blend_view: Any = None
         self.blend_error = "blend mode is off"
         self._blend_error_logged = False
-        self.recent_blends: collections.deque = collections.deque(maxlen=32)  # (req_id, BlendStats), newest last
+        # (req_id, BlendStats, host timings) of the latest blends, newest last
+        self.recent_blends: collections.deque = collections.deque(maxlen=32)
 
     # ------------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: Mapping[str, Any], layout: BlockLayout | None,
@@ -424,15 +425,20 @@ class WorkerSide:
         slots = torch.tensor(spec.slots(), dtype=torch.int64, device=self._device)
         rope = self.rope if self.rope is not None else self._copy_rope
         with torch.inference_mode():
+            t0 = time.perf_counter()
             k, v = assemble_kv(plan, donor_kv, n, rope, total_len=n)
             if local:
                 self._scratch_rows(k, v, 0, slots[:local], to_cache=False)
             ids = torch.as_tensor(target, device=self._device)
+            t1 = time.perf_counter()
             stats, _ = run_blended_prefill(view, ids, k, v, plan, reuse_len=n, logits=False, fixed_prefix=local,
                                            check_layer=getattr(spec, "check_layer", 1),
                                            selection=_selection(getattr(spec, "selection", None)))
+            t2 = time.perf_counter()
             self._scratch_rows(k, v, local, slots[local:], to_cache=True)
-        self.recent_blends.append((spec.req_id, stats))
+        # Host times (on CUDA: launch time, the work is queued on the stream): for diagnostics and tests.
+        self.recent_blends.append((spec.req_id, stats, {"assemble_s": t1 - t0, "executor_s": t2 - t1,
+                                                        "write_s": time.perf_counter() - t2}))
         return int(round(stats.token_layers / max(1, view.num_layers)))
 
     def _scratch_rows(self, k: Any, v: Any, start: int, slots: Any, *, to_cache: bool) -> None:

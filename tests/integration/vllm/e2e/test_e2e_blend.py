@@ -48,7 +48,8 @@ INSTRUCTION = "Read the report below, then answer the question that follows it i
 SYSTEM = ("You are a careful assistant for a city newspaper. You answer questions about the reports you are given, "
           "using only the facts in the report, and you say so when a report does not contain the answer. Keep each "
           "answer to one sentence and quote numbers exactly as the report gives them.\n\n")
-MAX_TOKENS = 24
+MAX_TOKENS = 24  # the quality comparison's continuation
+SHORT = 8  # equal-to-cold checks of the decline paths (a wrong KV shows in the first tokens; CI time is short)
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +156,12 @@ def test_instruction_before_document_is_credited_and_agrees_with_cold_like_the_t
     assert hf_hit.outcome == Outcome.MATERIALIZED, hf_hit.reason
     ours, theirs = agreement(hit, cold), agreement(hf_hit.token_ids, hf_cold.token_ids)
     side = worker_connector().worker_side
-    blend_stats = side.recent_blends[-1][1]
+    _, blend_stats, blend_times = side.recent_blends[-1]
     report = {"prompt_tokens": len(target), "credited_tokens": credited, "credited_fraction": credited / len(target),
               "reused_tokens": reused,
               "vllm_agreement": ours, "transformers_agreement": theirs, "max_tokens": MAX_TOKENS,
               "recompute_ratio": RATIO, "token_layers": blend_stats.token_layers,
+              "executor_s": blend_times["executor_s"],
               "hit_text": tokenizer.decode(hit), "cold_text": tokenizer.decode(cold)}
     record_property("instruction_first_blend", json.dumps(report))
     print("\ninstruction-first blend vs cold:", json.dumps(report))
@@ -175,11 +177,11 @@ def test_exact_prefix_blend_equals_no_connector_output(llm, tokenizer, rec):
     generate(llm, [donor], max_tokens=2, salt="exact")
     llm.reset_prefix_cache()  # vLLM's own cache would serve the document itself (and then blend has no gain)
     rec.blends.clear()
-    (hit,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="exact")
+    (hit,) = generate(llm, [target], max_tokens=16, salt="exact")
     (spec,) = rec.blends
     assert spec.local_tokens == 0 and spec.num_tokens >= 32 * (len(doc) // 32)
     assert all(s.context_exact for s in spec.plan.spans if s.target_start < spec.num_tokens)
-    (cold,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="exact-cold")
+    (cold,) = generate(llm, [target], max_tokens=16, salt="exact-cold")
     assert hit == cold
     no_state_left(llm)
 
@@ -194,13 +196,13 @@ def test_blend_on_top_of_vllms_own_exact_hit_keeps_those_blocks(llm, tokenizer, 
     target = system + encode(tokenizer, INSTRUCTION) + doc + encode(tokenizer, QUESTIONS[1])
     generate(llm, [donor], max_tokens=2, salt="local")
     rec.blends.clear()
-    (hit,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="local")
+    (hit,) = generate(llm, [target], max_tokens=12, salt="local")
     (spec,) = rec.blends
     assert spec.local_tokens == 32 * (len(system) // 32) > 0
     k, v = read_layer_kv(spec.slots())
     fk, fv = fresh_layer0_kv(llm, target[: spec.num_tokens], range(spec.num_tokens))
     assert rel_err(k, fk) < 1e-4 and rel_err(v, fv) < 1e-5
-    (cold,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="local-cold")
+    (cold,) = generate(llm, [target], max_tokens=12, salt="local-cold")
     assert agreement(hit, cold) >= 4, (tokenizer.decode(hit), tokenizer.decode(cold))
     no_state_left(llm)
 
@@ -218,10 +220,10 @@ def test_donor_evicted_between_schedule_and_load_recomputes_equals_cold(llm, tok
     generate(llm, [donor], max_tokens=2, salt="evict")
     before = stats(llm)
     rec.evict_before_blend = True
-    (out,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="evict")
+    (out,) = generate(llm, [target], max_tokens=SHORT, salt="evict")
     rec.evict_before_blend = False
     assert len(rec.blends) == 1  # the blend was scheduled, and its donor was gone when the worker ran it
-    assert out == generate(llm, [target], max_tokens=MAX_TOKENS, salt="evict-cold")[0]
+    assert out == generate(llm, [target], max_tokens=SHORT, salt="evict-cold")[0]
     after = stats(llm)
     assert after["outcomes"].get("declined", 0) - before["outcomes"].get("declined", 0) == 1
     assert after["reasons"].get("load_failed", 0) > before["reasons"].get("load_failed", 0)
@@ -279,13 +281,13 @@ def test_worker_without_a_model_view_declines_every_blend(llm, tokenizer, rec):
     view = side.blend_view
     donor, target = _hit_pair(tokenizer)
     generate(llm, [donor], max_tokens=2, salt="noview")
-    (cold,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="noview-cold")
+    (cold,) = generate(llm, [target], max_tokens=SHORT, salt="noview-cold")
     before = stats(llm)
     try:
         side.set_blend_view(None, "model_not_recorded: test")
         rec.blends.clear()
-        (first,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="noview")
-        (second,) = generate(llm, [target], max_tokens=MAX_TOKENS, salt="noview")
+        (first,) = generate(llm, [target], max_tokens=SHORT, salt="noview")
+        (second,) = generate(llm, [target], max_tokens=SHORT, salt="noview")
         assert first == cold and second == cold
         after = stats(llm)
         assert sched.blend_unavailable == "model_not_recorded"
