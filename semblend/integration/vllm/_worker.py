@@ -422,7 +422,13 @@ class WorkerSide:
             else:
                 entry.wait()
                 donor_kv[donor_id] = entry.kv
-        slots = torch.tensor(spec.slots(), dtype=torch.int64, device=self._device)
+        slot_list = np.asarray(spec.slots(), dtype=np.int64)
+        # Bounds and distinctness checked here, on the host, so the copies into the cache need no device sync
+        # (a sync would hold the forward's launches until the whole executor ran).
+        num_slots = (self._storages[0].numel() // self.layout.stride_block) * self.layout.block_size
+        if slot_list.min() < 0 or slot_list.max() >= num_slots or np.unique(slot_list).size != n:
+            raise ValueError(f"blend slots outside the cache ({num_slots} slots) or repeated")
+        slots = torch.as_tensor(slot_list, device=self._device)
         rope = self.rope if self.rope is not None else self._copy_rope
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -458,8 +464,8 @@ class WorkerSide:
             scratch = KvCacheView.from_separate(HF_CONTIGUOUS, [k.transpose(1, 2)[i][None] for i in range(k.shape[0])],
                                                 [v.transpose(1, 2)[i][None] for i in range(v.shape[0])])
             rows = torch.arange(start, start + count, dtype=torch.int64, device=slots.device)
-            if to_cache:
-                rerotate_scatter(scratch, self._paged, rows, slots, 0, self._copy_rope)
+            if to_cache:  # slots were checked on the host (_blend)
+                rerotate_scatter(scratch, self._paged, rows, slots, 0, self._copy_rope, validate_indices=False)
             else:
                 rerotate_scatter(self._paged, scratch, slots, rows, 0, self._copy_rope, validate_indices=False)
             return
