@@ -48,7 +48,7 @@ INSTRUCTION = "Read the report below, then answer the question that follows it i
 SYSTEM = ("You are a careful assistant for a city newspaper. You answer questions about the reports you are given, "
           "using only the facts in the report, and you say so when a report does not contain the answer. Keep each "
           "answer to one sentence and quote numbers exactly as the report gives them.\n\n")
-MAX_TOKENS = 24  # the quality comparison's continuation
+MAX_TOKENS = 16  # the quality comparison's continuation (HF decode on 2 CPU cores is the slow part)
 SHORT = 8  # equal-to-cold checks of the decline paths (a wrong KV shows in the first tokens; CI time is short)
 
 
@@ -162,7 +162,8 @@ def test_instruction_before_document_is_credited_and_agrees_with_cold_like_the_t
               "vllm_agreement": ours, "transformers_agreement": theirs, "max_tokens": MAX_TOKENS,
               "recompute_ratio": RATIO, "token_layers": blend_stats.token_layers,
               "executor_s": blend_times["executor_s"],
-              "hit_text": tokenizer.decode(hit), "cold_text": tokenizer.decode(cold)}
+              "hit_text": tokenizer.decode(hit), "cold_text": tokenizer.decode(cold),
+              "transformers_hit_text": hf_tok.decode(hf_hit.token_ids)}
     record_property("instruction_first_blend", json.dumps(report))
     print("\ninstruction-first blend vs cold:", json.dumps(report))
     assert ours >= min(theirs, len(cold)), report
