@@ -3,7 +3,8 @@
 Lifecycle, in the order vLLM's model runner calls it (one worker process per GPU)::
 
     register_kv_caches(kv_caches)      # once: the paged cache tensors, one per attention layer
-    start_load(step_plan)              # each step, before the forward: all loads of the step, all layers
+    set_blend_view(view, reason)       # blend mode, once: the model view (or why there is none)
+    start_load(step_plan)              # each step, before the forward: all loads and blends of the step
     wait_for_layer_load(layer)         # per layer: nothing to wait for (loads are stream-ordered, see below)
     save_kv_layer(...)                 # per layer: nothing (captures read the finished cache in wait_for_save)
     wait_for_save(step_plan)           # each step, after the forward: captures; releases this step's leases
@@ -23,11 +24,24 @@ reference on CPU) on the current stream before the forward pass is launched, so 
 loaded KV without per-layer events. Donor entries stay leased until ``wait_for_save`` of the same step, after the
 forward was queued behind the load. A load that cannot run (donor gone, geometry changed, any error) reports the
 request's target blocks through ``take_load_errors``; with ``kv_load_failure_policy=recompute`` vLLM recomputes them.
+
+Blends (``blend`` mode, :class:`~semblend.integration.vllm._metadata.BlendSpec`). Before the forward, a request's
+tokens ``[local_tokens, num_tokens)`` are filled by the shared blended-prefill executor
+(``semblend_core.blended_prefill``) over a :class:`~semblend.integration.vllm._model_view.VllmModelView` of vLLM's
+own model: every donor of the plan leased and its tokens verified, the reused KV re-rotated into a contiguous scratch
+``[num_layers, num_tokens, num_kv_heads, head_size]`` (``assemble_kv``), vLLM's own exact prefix-cache rows ``[0,
+local_tokens)`` read from the request's blocks into it, the mandatory / selected tokens recomputed with the model's
+weights (``run_blended_prefill(..., logits=False, fixed_prefix=local_tokens)``), and rows ``[local_tokens,
+num_tokens)`` written into the request's blocks (the fused kernel on strided layouts, per-element indices on the CPU
+backend's). Same ordering and failure rules as loads: on the current stream before the forward; any error reports
+every block of the request and vLLM recomputes it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -37,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from semblend.integration.vllm._metadata import (
+    BlendSpec,
     KvSignature,
     LoadSpec,
     SavedDonor,
@@ -59,6 +74,20 @@ def layer_index(name: str) -> int:
     if match is None:
         raise ValueError(f"cannot find a layer index in {name!r}")
     return int(match.group(1))
+
+
+def _local_tokens(spec: BlendSpec) -> int:
+    """vLLM's own exact prefix hit of a blended request (its rows hold final KV; the executor never touches them)."""
+    return int(getattr(spec, "local_tokens", 0) or 0)
+
+
+def _selection(name: str | None) -> Any:
+    """The executor's ``SelectionStrategy`` for a configured name (None: the deviation check picks)."""
+    if name is None:
+        return None
+    from semblend_core.recompute import SelectionStrategy
+
+    return SelectionStrategy(name=name)
 
 
 def copy_spec(head_size: int) -> RopeSpec:
@@ -142,6 +171,11 @@ class WorkerSide:
         self._errors: set[int] = set()
         self._report = WorkerReport()
         self._known: set[tuple[str, str]] = set()
+        self.blend_view: Any = None
+        self.blend_error = "blend mode is off"
+        self._blend_error_logged = False
+        # (req_id, BlendStats, host timings) of the latest blends, newest last
+        self.recent_blends: collections.deque = collections.deque(maxlen=32)
 
     # ------------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: Mapping[str, Any], layout: BlockLayout | None,
@@ -275,7 +309,8 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ loads
     def start_load(self, plan: StepPlan | None) -> None:
-        """Write every load of this step into the paged cache. Never raises: failures go to the error path.
+        """Write every load and blend of this step into the paged cache. Never raises: failures go to the error
+        path.
 
         A request's loads (one per exact span, each with its own RoPE shift) succeed or fail together: when one
         fails, every block of every piece is reported, so vLLM recomputes the request's whole loaded range."""
@@ -300,6 +335,149 @@ class WorkerSide:
                                          load_s=(time.perf_counter() - t0,), workers=0))
             for report in done:
                 self._report = self._report.merge(report)
+        for blend in plan.blends:
+            self._run_blend(blend)
+
+    # ------------------------------------------------------------------ blends
+    def set_blend_view(self, view: Any, reason: str = "") -> None:
+        """Blend mode: the executor's view of this worker's model (``_model_view.VllmModelView``), or None with
+        ``reason`` (plugin not active, model not supported, TP > 1): then every blend is declined and vLLM
+        recomputes. Call once, after ``register_kv_caches``."""
+        self.blend_view = view
+        self.blend_error = "" if view is not None else (reason or "no_model_view")
+        if view is None:
+            logger.error("SemBlend: blend mode cannot run on this worker (%s); blend hits are declined and "
+                         "prefilled normally", self.blend_error)
+            self._blend_error_logged = True
+            # Once: the scheduler then declines every later hit before crediting it (a stable reason).
+            self._report = self._report.merge(WorkerReport(blend_unavailable=(self.blend_error.split(" ")[0]
+                                                                              .rstrip(":"),), workers=0))
+
+    def _run_blend(self, spec: BlendSpec) -> None:
+        """One request's blend; never raises (any failure reports every block of the request)."""
+        t0 = time.perf_counter()
+        try:
+            record = self._blend(spec)
+        except Exception as exc:  # noqa: BLE001 -- any failure must reach vLLM's recompute path
+            if self.blend_view is None:
+                if not self._blend_error_logged:
+                    logger.error("SemBlend: blend declined on this worker (%s); vLLM recomputes", self.blend_error)
+                    self._blend_error_logged = True
+            else:
+                logger.warning("SemBlend: blend for %s failed (%s: %s); vLLM will recompute %d tokens", spec.req_id,
+                               type(exc).__name__, exc, spec.num_tokens)
+            # vLLM's own exact blocks below local_tokens stay valid (and shared): only the credited ones go back.
+            self._errors.update(spec.block_ids[_local_tokens(spec) // spec.block_size:])
+            self._report = self._report.merge(WorkerReport(load_failed=(spec.req_id,), workers=0))
+            return
+        blended = spec.num_tokens - _local_tokens(spec)
+        recomputed = min(blended, record)
+        self._report = self._report.merge(WorkerReport(
+            loaded=((spec.req_id, blended),), load_s=(time.perf_counter() - t0,),
+            blended=((spec.req_id, blended - recomputed, recomputed),), workers=0))
+
+    def _blend(self, spec: BlendSpec) -> int:
+        """Fill ``[local_tokens, num_tokens)`` of the request's blocks. Returns the recomputed tokens: the
+        executor's token-layers over the layer count, rounded (mean tokens computed fresh per layer)."""
+        import torch
+
+        from semblend_core.blended_prefill import assemble_kv, run_blended_prefill
+        from semblend_core.plan import Span, verify_donor_tokens
+
+        view = self.blend_view
+        if view is None:
+            raise RuntimeError(f"blend unavailable: {self.blend_error}")
+        if not self.ready:
+            raise RuntimeError(f"KV layout unknown: {self.layout_error}")
+        plan, n, local = spec.plan, int(spec.num_tokens), _local_tokens(spec)
+        if not 0 <= local < n or len(spec.token_ids) < n or len(spec.block_ids) * spec.block_size < n:
+            raise ValueError(f"bad blend range [{local}, {n}) for {len(spec.token_ids)} tokens")
+        if view.num_layers != len(self._storages) or view.num_kv_heads != self.layout.num_kv_heads \
+                or view.head_dim != self.layout.head_size:
+            raise ValueError("the model view does not match the KV cache geometry")
+        target = np.asarray(spec.token_ids[:n], dtype=np.int64)
+        spans = [s for s in plan.spans if s.target_start < n]
+        if not spans:
+            raise ValueError("the plan has no span below the credited range")
+        entries: dict[str, Any] = {}
+        for span in spans:
+            donor_id = plan.donor_of(span)
+            if donor_id is None:
+                raise LookupError("a span names no donor")
+            if donor_id not in entries:
+                entry = self._leases.enter_context(self.store.lease(spec.namespace_key, donor_id))
+                if entry.num_layers != len(self._storages):
+                    raise ValueError(f"donor has {entry.num_layers} layers, cache has {len(self._storages)}")
+                entries[donor_id] = entry
+            clipped = Span(span.donor_start, span.target_start, min(span.target_end, n) - span.target_start,
+                           span.donor_id)
+            if not verify_donor_tokens(clipped, entries[donor_id].token_ids, target):
+                raise ValueError(f"KV entry of donor {donor_id} holds other tokens than the plan's span")
+        if any(s.delta != 0 for s in spans) and self.rope is None:
+            raise ValueError("RoPE re-rotation is not exact for this model")
+        donor_kv = {}
+        for donor_id, entry in entries.items():
+            if entry.kv.device != self._device:  # host tier: one contiguous copy of the entry
+                donor_kv[donor_id] = entry.kv.to(self._device, non_blocking=True)
+            else:
+                entry.wait()
+                donor_kv[donor_id] = entry.kv
+        slot_list = np.asarray(spec.slots(), dtype=np.int64)
+        # Bounds and distinctness checked here, on the host, so the copies into the cache need no device sync
+        # (a sync would hold the forward's launches until the whole executor ran).
+        num_slots = (self._storages[0].numel() // self.layout.stride_block) * self.layout.block_size
+        if slot_list.min() < 0 or slot_list.max() >= num_slots or np.unique(slot_list).size != n:
+            raise ValueError(f"blend slots outside the cache ({num_slots} slots) or repeated")
+        slots = torch.as_tensor(slot_list, device=self._device)
+        rope = self.rope if self.rope is not None else self._copy_rope
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            k, v = assemble_kv(plan, donor_kv, n, rope, total_len=n)
+            if local:
+                self._scratch_rows(k, v, 0, slots[:local], to_cache=False)
+            ids = torch.as_tensor(target, device=self._device)
+            t1 = time.perf_counter()
+            stats, _ = run_blended_prefill(view, ids, k, v, plan, reuse_len=n, logits=False, fixed_prefix=local,
+                                           check_layer=getattr(spec, "check_layer", 1),
+                                           selection=_selection(getattr(spec, "selection", None)))
+            t2 = time.perf_counter()
+            self._scratch_rows(k, v, local, slots[local:], to_cache=True)
+        # Host times (on CUDA: launch time, the work is queued on the stream): for diagnostics and tests.
+        self.recent_blends.append((spec.req_id, stats, {"assemble_s": t1 - t0, "executor_s": t2 - t1,
+                                                        "write_s": time.perf_counter() - t2}))
+        return int(round(stats.token_layers / max(1, view.num_layers)))
+
+    def _scratch_rows(self, k: Any, v: Any, start: int, slots: Any, *, to_cache: bool) -> None:
+        """Copy scratch rows ``[start, start + len(slots))`` of every layer (``k``/``v``: ``[num_layers,
+        num_tokens, num_kv_heads, head_size]``, storage in the HF layout of ``assemble_kv``) into cache ``slots``
+        (``to_cache``) or the cache's rows at ``slots`` into the scratch. Unrotated copies."""
+        import torch
+
+        from semblend_core.triton_kernels import rerotate_scatter
+
+        count = int(slots.numel())
+        if count == 0:
+            return
+        layout = self.layout
+        assert layout is not None
+        if self._paged is not None:
+            scratch = KvCacheView.from_separate(HF_CONTIGUOUS, [k.transpose(1, 2)[i][None] for i in range(k.shape[0])],
+                                                [v.transpose(1, 2)[i][None] for i in range(v.shape[0])])
+            rows = torch.arange(start, start + count, dtype=torch.int64, device=slots.device)
+            if to_cache:  # slots were checked on the host (_blend)
+                rerotate_scatter(scratch, self._paged, rows, slots, 0, self._copy_rope, validate_indices=False)
+            else:
+                rerotate_scatter(self._paged, scratch, slots, rows, 0, self._copy_rope, validate_indices=False)
+            return
+        k_idx = layout.element_index(slots, "k")
+        v_idx = layout.element_index(slots, "v")
+        for i, storage in enumerate(self._storages):
+            if to_cache:
+                storage[k_idx] = k[i, start:start + count].to(storage.dtype)
+                storage[v_idx] = v[i, start:start + count].to(storage.dtype)
+            else:
+                k[i, start:start + count] = storage[k_idx].to(k.dtype)
+                v[i, start:start + count] = storage[v_idx].to(v.dtype)
 
     def _fail(self, specs: list[LoadSpec]) -> None:
         for spec in specs:
@@ -389,8 +567,7 @@ class WorkerSide:
         report, self._report = self._report, WorkerReport()
         if not report:
             return None
-        return WorkerReport(report.saved, report.save_failed, report.evicted, report.loaded, report.load_failed,
-                            report.load_s, report.save_s, workers=1)
+        return dataclasses.replace(report, workers=1)
 
     def shutdown(self) -> None:
         self._leases.close()

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+MODE_BLEND = "blend"  # kv_connector_extra_config.mode of the blended prefill (_config validates the modes)
 
 __all__ = ["SemBlendConnectorMetadata", "SemBlendConnectorStats", "SemBlendConnectorV1", "SemBlendWorkerMetadata"]
 
@@ -227,6 +228,28 @@ def read_kv_layout(vllm_config: Any, kv_cache_config: Any, kv_caches: dict[str, 
                               source=f"probe:{type(impl).__name__}")
 
 
+def blend_model_view(vllm_config: Any, kv_caches: dict[str, Any]) -> tuple[Any, str]:
+    """``(view, "")``: the blended-prefill executor's view of the model that owns these KV caches (recorded by
+    SemBlend's model plugin, ``_plugin``), or ``(None, reason)``. Never raises."""
+    from semblend.integration.vllm import _plugin
+    from semblend.integration.vllm._model_view import build_view
+    from semblend.integration.vllm._worker import layer_index
+
+    try:
+        if not _plugin.is_registered():
+            return None, "model_plugin_not_loaded: " + _plugin.NOT_REGISTERED
+        names = sorted(kv_caches, key=layer_index)
+        context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+        model = _plugin.model_owning(context.get(names[0]))
+        if model is None:
+            archs = getattr(getattr(vllm_config.model_config, "hf_config", None), "architectures", None)
+            return None, (f"model_not_recorded: architecture {archs} is not one SemBlend's model plugin wraps "
+                          f"({', '.join(_plugin.ARCHITECTURES)})")
+        return build_view(model)
+    except Exception as exc:  # noqa: BLE001 -- no view means every blend declines, never a crash
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 # ---------------------------------------------------------------------------------------------- connector
 class SemBlendConnectorV1(KVConnectorBase_V1):
     """vLLM KV connector for SemBlend. See the module docstring; the two sides are in ``_scheduler``/``_worker``."""
@@ -310,7 +333,11 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         return side
 
     def _build_worker_side(self, vllm_config: Any, spec: Any) -> Any:
+        from semblend.integration.vllm import _plugin
         from semblend.integration.vllm._worker import WorkerSide
+
+        if self.adapter.mode == MODE_BLEND and not _plugin.is_registered():
+            raise ConfigError(_plugin.NOT_REGISTERED)  # the worker could never reach the model: say so at start-up
 
         head_size = int(spec.head_size) if spec is not None else int(vllm_config.model_config.get_head_size())
         return WorkerSide(None, self.rope if self.rope_exact else None, head_size=head_size,
@@ -375,6 +402,8 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         else:
             error = "discovery_only mode loads nothing"
         self.worker_side.register_kv_caches(kv_caches, layout, error)
+        if self.adapter.mode == MODE_BLEND:
+            self.worker_side.set_blend_view(*blend_model_view(self._vllm_config, kv_caches))
 
     def _plan(self) -> StepPlan | None:
         meta = self._connector_metadata

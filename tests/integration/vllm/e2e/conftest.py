@@ -68,8 +68,16 @@ def make_llm(*, prefix_caching: bool, num_blocks: int = 64, extra: dict | None =
 
     RecordingConnector.reset()
     folder = assets.smollm2_model_dir()
-    # The suite checks moved (shifted) loads on real execution, so it opts in to them (off by default).
-    config = {"mode": "prefix", "min_donor_tokens": 32, "load_moved_prefix": True, **(extra or {})}
+    config = {"mode": "prefix", "min_donor_tokens": 32, **(extra or {})}
+    if config["mode"] == "prefix":
+        # The suite checks moved (shifted) loads on real execution, so it opts in to them (off by default).
+        config.setdefault("load_moved_prefix", True)
+    if config["mode"] == "blend":
+        # A source checkout has no installed entry point: the explicit call (docs/vllm.md) activates the model
+        # plugin in this process, which is the whole engine here (in-process, uni executor).
+        import semblend.integration.vllm
+
+        semblend.integration.vllm.register()
     kvt = KVTransferConfig(kv_connector="RecordingConnector", kv_connector_module_path="recording_connector",
                            kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=config)
     return LLM(model=str(folder), dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
