@@ -451,20 +451,22 @@ def _blend_llm(args: argparse.Namespace, mode: str | None) -> Any:
             "kv_connector_module_path": "semblend.integration.vllm.connector_v1",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra,
         }
-    _register_plugins()
+        if mode == "blend":
+            _register_plugins()
     return LLM(**kwargs)
 
 
 def _register_plugins() -> None:
-    """``SEMBLEND_VLLM_PLUGIN=module:function``: call it before ``LLM(...)``. vLLM finds ``vllm.general_plugins``
-    entry points from installed metadata; code run from ``PYTHONPATH`` (the H200 copy) has none, so the benchmark
-    calls the registration itself (in-process engine: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
-    spec = os.environ.get("SEMBLEND_VLLM_PLUGIN", "")
-    if spec:
-        import importlib
+    """Blend mode needs SemBlend's vLLM model plugin in this process. vLLM loads ``vllm.general_plugins`` entry
+    points from installed metadata only; code run from ``PYTHONPATH`` (the H200 copy) has none, so the benchmark
+    calls ``semblend.integration.vllm.register()`` itself (enough for an in-process engine:
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` + the ``uni`` executor). ``SEMBLEND_VLLM_PLUGIN=module:function`` names
+    another registration to call instead."""
+    import importlib
 
-        module, _, func = spec.partition(":")
-        getattr(importlib.import_module(module), func or "register")()
+    spec = os.environ.get("SEMBLEND_VLLM_PLUGIN", "") or "semblend.integration.vllm:register"
+    module, _, func = spec.partition(":")
+    getattr(importlib.import_module(module), func or "register")()
 
 
 def _pipeline_of(llm: Any) -> Any:

@@ -448,14 +448,16 @@ def blend_connector_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _register_plugins() -> None:
-    """``SEMBLEND_VLLM_PLUGIN=module:function`` is called before ``LLM(...)``: vLLM finds ``vllm.general_plugins``
-    entry points in installed metadata only, and the H200 copy runs from ``PYTHONPATH``."""
-    spec = os.environ.get("SEMBLEND_VLLM_PLUGIN", "")
-    if spec:
-        import importlib
+    """Blend mode needs SemBlend's vLLM model plugin in this process. vLLM loads ``vllm.general_plugins`` entry
+    points from installed metadata only; code run from ``PYTHONPATH`` (the H200 copy) has none, so the benchmark
+    calls ``semblend.integration.vllm.register()`` itself (enough for an in-process engine:
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` + the ``uni`` executor). ``SEMBLEND_VLLM_PLUGIN=module:function`` names
+    another registration to call instead."""
+    import importlib
 
-        module, _, func = spec.partition(":")
-        getattr(importlib.import_module(module), func or "register")()
+    spec = os.environ.get("SEMBLEND_VLLM_PLUGIN", "") or "semblend.integration.vllm:register"
+    module, _, func = spec.partition(":")
+    getattr(importlib.import_module(module), func or "register")()
 
 
 def _pipeline_of(connector: Any) -> tuple[Any, Any]:
@@ -513,6 +515,7 @@ class HookTimer:
         self.cuda = torch.cuda.is_available()
         self.calls: list[tuple[str, float, Any, Any]] = []
         conn = get_kv_transfer_group()
+        self.worker_side = getattr(conn, "worker_side", None)
         self.hooked = []
         for name in methods:
             inner = getattr(conn, name, None)
@@ -551,6 +554,14 @@ class HookTimer:
             if ev0 is not None:
                 d["cuda_span_ms"] += ev0.elapsed_time(ev1)
         self.calls = []
+        recent = getattr(self.worker_side, "recent_blends", None)
+        if recent:  # the worker's own record of its latest blends: executor stats and host times
+            last = tuple(recent[-1])  # (req_id, BlendStats[, host seconds by step])
+            stats = last[1] if len(last) > 1 else None
+            host = last[2] if len(last) > 2 and isinstance(last[2], dict) else {}
+            out["last_blend"] = {"stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else repr(stats),
+                                 "host_ms": {k: v * 1e3 for k, v in host.items()}, "blends": len(recent)}
+            recent.clear()
         return out
 
 
@@ -628,7 +639,8 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     lengths = [int(x) for x in args.lengths.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
-    _register_plugins()
+    if args.role == "blend":
+        _register_plugins()
     bench = Bench(args, blend_connector_config(args) if args.role == "blend" else None)
     result: dict[str, Any] = {
         "engine": args.engine, "role": args.role, "startup_s": bench.startup_s, "vllm": vllm.__version__,
@@ -682,6 +694,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
                 hit = bench.series(target, args.repeats)
                 hooks = timer.take()
                 calls = args.repeats + 1  # the series' warm-up call included
+                hit["last_blend"] = hooks.pop("last_blend", None)
                 hit["hooks_per_request"] = {k: {"calls": v["calls"] / calls, "host_ms": v["host_ms"] / calls,
                                                 "cuda_span_ms": None if v["cuda_span_ms"] is None
                                                 else v["cuda_span_ms"] / calls} for k, v in hooks.items()}
