@@ -362,6 +362,7 @@ def run_all(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- blend mode
 BLEND_RATIOS = (0.0, 0.05, 0.15, 0.3)
+TF_UNSCORED = -2  # teacher-forced position whose predicting row was credited (no prompt logprobs there)
 BLEND_LAYOUTS = ("instruction_first", "doc_first", "rag")
 INSTRUCTION_A = "In one sentence, what problem does this paper address?"
 INSTRUCTION_B = "Summarize this paper: the challenge, the approach and the outcome."
@@ -491,10 +492,8 @@ def set_ratio(llm: Any, ratio: float) -> None:
     pipe._layer_policy = layer_recompute_policy(pipe.model_shape, cfg.recompute_budget, cfg.bathtub_preset,
                                                 cfg.layer_recompute)
     adapter = getattr(side, "adapter", None)
-    if adapter is not None and dataclasses.is_dataclass(adapter):
-        names = {f.name for f in dataclasses.fields(adapter)}
-        if "recompute_ratio" in names:
-            side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio))
+    if dataclasses.is_dataclass(adapter) and "recompute_ratio" in {f.name for f in dataclasses.fields(adapter)}:
+        side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio))
 
 
 def _record_plans(llm: Any) -> list[Any]:
@@ -551,6 +550,10 @@ def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
             greedy_s = time.perf_counter() - ts
             cont = cold[item["id"]]["greedy"] if item["id"] in cold else greedy
             top1, ranks, tf_cached = _teacher_forced_top1(llm, item["target"], cont, salt)
+            # A continuation that copies donor text can extend the credited region past the target: positions
+            # predicted from a credited row have no logprobs of their own (TF_UNSCORED, left out of the metric).
+            base = len(item["target"])
+            top1 = [TF_UNSCORED if base + k - 1 < tf_cached else t for k, t in enumerate(top1)]
             row = {"id": item["id"], "layout": item["layout"], "ratio": ratio, "greedy": greedy,
                    "cached_tokens": cached, "tf_cached_tokens": tf_cached, "tf_top1": top1, "tf_rank": ranks,
                    "target_tokens": len(item["target"]), "greedy_s": greedy_s}
@@ -670,7 +673,7 @@ def _decoder() -> Any:
 
 def _blend_metrics(rows: list[dict[str, Any]], ref: dict[str, dict[str, Any]], text_rouge: Any
                    ) -> dict[str, Any]:
-    pos, pref, exact, tf, rl_ids, rl_text, reused, hits = [], [], [], [], [], [], [], 0
+    pos, pref, exact, tf, rl_ids, rl_text, reused, hits, unscored = [], [], [], [], [], [], [], 0, 0
     for r in rows:
         c = ref[r["id"]]
         n = len(c["greedy"])
@@ -678,7 +681,11 @@ def _blend_metrics(rows: list[dict[str, Any]], ref: dict[str, dict[str, Any]], t
         pos.append(_mean([int(a == b) for a, b in zip(g, c["greedy"])]))
         pref.append(_prefix_len(g, c["greedy"]) / n)
         exact.append(int(g == c["greedy"]))
-        tf.append(_mean([int(a == b) for a, b in zip(r["tf_top1"], c["tf_top1"])]))
+        credited = r.get("tf_cached_tokens", 0) - r["target_tokens"] + 1  # rows of the continuation credited
+        pairs = [(a, b) for k, (a, b) in enumerate(zip(r["tf_top1"], c["tf_top1"]))
+                 if a != TF_UNSCORED and k >= credited]
+        unscored += len(r["tf_top1"]) - len(pairs)
+        tf.append(_mean([int(a == b) for a, b in pairs]))
         rl_ids.append(_rouge_l_ids(c["greedy"], r["greedy"][:n]))
         if text_rouge is not None:
             rl_text.append(text_rouge(c["greedy"], r["greedy"][:n]))
@@ -686,6 +693,7 @@ def _blend_metrics(rows: list[dict[str, Any]], ref: dict[str, dict[str, Any]], t
         hits += int(r["cached_tokens"] > 0)
     out = {"n": len(rows), "hits": hits, "reused_fraction_mean": _mean(reused),
            "teacher_forced_top1_agreement": _mean(tf), "teacher_forced_top1_agreement_min": min(tf) if tf else None,
+           "teacher_forced_unscored_positions": unscored,
            "greedy_position_agreement": _mean(pos), "greedy_prefix_agreement": _mean(pref),
            "greedy_exact_match_rate": _mean(exact), "rouge_l_token_ids": _mean(rl_ids)}
     if rl_text:

@@ -479,9 +479,8 @@ def set_ratio(connector: Any, ratio: float) -> None:
     pipe._layer_policy = layer_recompute_policy(pipe.model_shape, cfg.recompute_budget, cfg.bathtub_preset,
                                                 cfg.layer_recompute)
     adapter = getattr(side, "adapter", None)
-    if adapter is not None and dataclasses.is_dataclass(adapter):
-        if "recompute_ratio" in {f.name for f in dataclasses.fields(adapter)}:
-            side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio))
+    if dataclasses.is_dataclass(adapter) and "recompute_ratio" in {f.name for f in dataclasses.fields(adapter)}:
+        side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio))
 
 
 def _record_plans(connector: Any) -> list[Any]:
