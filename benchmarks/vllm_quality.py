@@ -740,10 +740,14 @@ def summarize_blend(prompts: dict[str, Any], cold: dict[str, Any], engines: list
                     lay[key] = _blend_metrics(rows, ref, text_rouge)
         if transformers_result is not None:
             href = {r["id"]: r for r in transformers_result["cold_rows"]}
+            same = {r["id"] for r in crow}  # the items vLLM ran; the transformers run may have more
             for ratio in sorted({r["ratio"] for r in transformers_result["rows"]}):
                 rows = [r for r in transformers_result["rows"] if r["layout"] == layout and r["ratio"] == ratio]
-                if rows:
-                    lay[f"transformers@{ratio:g}"] = _blend_metrics(rows, href, text_rouge)
+                shared = [r for r in rows if r["id"] in same]
+                if shared:
+                    lay[f"transformers@{ratio:g}"] = _blend_metrics(shared, href, text_rouge)
+                if len(rows) > len(shared):
+                    lay[f"transformers_all_items@{ratio:g}"] = _blend_metrics(rows, href, text_rouge)
             crows = [r for r in crow if r["id"] in href]
             if crows:  # how close the two engines' cold runs are (float32 both on the CPU; bf16 vLLM on a GPU)
                 lay["transformers_cold_vs_vllm_cold_greedy_position_agreement"] = _mean([
