@@ -28,9 +28,10 @@
 #   cp -r .carry/vllmgpu/whl $B/                     # rapidfuzz cp312 (pip download rapidfuzz, see above)
 #   cp .carry/vllmgpu/model/* $B/model/              # SmolLM2 part-00 + smollm2.json (_smollm2_parts.py pack)
 #   cp -r .carry/vllmgpu_b/model .carry/vblend_b/    # SmolLM2 part-01
-#   PYTHONPATH=$PWD $VPY benchmarks/vllm_quality.py blend-prompts --out $B/blend_prompts.json \
+#   PYTHONPATH=$PWD $VPY benchmarks/vllm_quality.py blend-prompts   # VPY: the core env (COMMON.md), ~30 s --out $B/blend_prompts.json \
 #       --papers 40 --max-words 800 --rag-items 40 --rag-words 200
-#   du -sbc .gpu-vllm/c2 $B                          # must stay under 64 MiB (~62 MB)
+#   find $B -name __pycache__ -prune -exec rm -rf {} +
+#   du -sbc .gpu-vllm/c2 $B | tail -1                # must stay under 67108864 (64 MiB); 61.97 MB on 2026-12-01
 # Device calls, back to back (the machine stays warm ~30 s):
 #   1. carry [".gpu-vllm/c1"]:                  mkdir -p /tmp/stage && cp .gpu-vllm/c1/* /tmp/stage/
 #   2. carry [".gpu-vllm/c2", ".carry/vblend"]: bash .carry/vblend/benchmarks/h200_vllm.sh blend_ttft
