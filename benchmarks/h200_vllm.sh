@@ -28,8 +28,8 @@
 #   cp -r .carry/vllmgpu/whl $B/                     # rapidfuzz cp312 (pip download rapidfuzz, see above)
 #   cp .carry/vllmgpu/model/* $B/model/              # SmolLM2 part-00 + smollm2.json (_smollm2_parts.py pack)
 #   cp -r .carry/vllmgpu_b/model .carry/vblend_b/    # SmolLM2 part-01
-#   PYTHONPATH=$PWD $VPY benchmarks/vllm_quality.py blend-prompts   # VPY: the core env (COMMON.md), ~30 s --out $B/blend_prompts.json \
-#       --papers 40 --max-words 800 --rag-items 40 --rag-words 200
+#   PYTHONPATH=$PWD $VPY benchmarks/vllm_quality.py blend-prompts --out $B/blend_prompts.json \
+#       --papers 40 --max-words 800 --rag-items 40 --rag-words 200  # VPY: the core env (COMMON.md), ~30 s
 #   find $B -name __pycache__ -prune -exec rm -rf {} +
 #   du -sbc .gpu-vllm/c2 $B | tail -1                # must stay under 67108864 (64 MiB); 61.97 MB on 2026-12-01
 # Device calls, back to back (the machine stays warm ~30 s):
@@ -38,8 +38,8 @@
 #      (~7.5 min: eager cold + blend, then compiled cold + blend while --total-budget-s lasts)
 #   3. carry [".carry/vblend_b"]:               bash /tmp/vb/benchmarks/h200_vllm.sh blend_quality
 #      (~4 min: SmolLM2 cold, prefix, blend at every ratio; 24 items per layout)
-# Env (optional): SEMBLEND_VLLM_PLUGIN=module:function (the blend model plugin's registration, called before
-# LLM(): code run from PYTHONPATH has no entry points), BLEND_TTFT_ARGS / BLEND_QUALITY_ARGS (extra arguments,
+# Env (optional): SEMBLEND_VLLM_PLUGIN=module:function (default semblend.integration.vllm:register, which the
+# benchmarks call before LLM(): code run from PYTHONPATH has no entry points), BLEND_TTFT_ARGS / BLEND_QUALITY_ARGS (extra arguments,
 # e.g. "--ratio-per-engine --engines eager" if the ratio cannot be switched at run time), *_BUDGET / *_TIMEOUT.
 # A late code fix travels in call 3 as .carry/vblend_b/code/<same layout as .carry/vblend>. If call 3 finds
 # /tmp/vb gone (the machine went cold), it exits 2: repeat calls 1 and 2.
