@@ -38,7 +38,7 @@
 #      (~7.5 min: eager cold + blend, then compiled cold + blend while --total-budget-s lasts)
 #   3. carry [".carry/vblend_b"]:               bash /tmp/vb/benchmarks/h200_vllm.sh blend_quality
 #      (~4 min: SmolLM2 cold, prefix, blend at every ratio; 24 items per layout)
-# Env (optional): SEMBLEND_VLLM_PLUGIN=module:function (default semblend.integration.vllm:register, which the
+# Env (optional): BENCH_VLLM_PLUGIN=module:function (default semblend.integration.vllm:register, which the
 # benchmarks call before LLM(): code run from PYTHONPATH has no entry points), BLEND_TTFT_ARGS / BLEND_QUALITY_ARGS (extra arguments,
 # e.g. "--ratio-per-engine --engines eager" if the ratio cannot be switched at run time), *_BUDGET / *_TIMEOUT.
 # A late code fix travels in call 3 as .carry/vblend_b/code/<same layout as .carry/vblend>. If call 3 finds
@@ -50,7 +50,7 @@ export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 export PYTHONPATH=/tmp/site:/tmp/vg
 mkdir -p "$OUT/work"
 if [ "$STAGE" = blend_ttft ] || [ "$STAGE" = blend_quality ]; then
-  export PYTHONPATH=/tmp/site:/tmp/vb SEMBLEND_VLLM_PLUGIN=${SEMBLEND_VLLM_PLUGIN:-}
+  export PYTHONPATH=/tmp/site:/tmp/vb BENCH_VLLM_PLUGIN=${BENCH_VLLM_PLUGIN:-}
   if [ "$STAGE" = blend_ttft ]; then
     bash .gpu-vllm/c2/install.sh || exit 3
     rm -rf /tmp/vb && mkdir -p /tmp/vb && cp -r .carry/vblend/. /tmp/vb/          # kept for call 3

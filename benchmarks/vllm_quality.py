@@ -461,11 +461,11 @@ def _register_plugins() -> None:
     """Blend mode needs SemBlend's vLLM model plugin in this process. vLLM loads ``vllm.general_plugins`` entry
     points from installed metadata only; code run from ``PYTHONPATH`` (the H200 copy) has none, so the benchmark
     calls ``semblend.integration.vllm.register()`` itself (enough for an in-process engine:
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` + the ``uni`` executor). ``SEMBLEND_VLLM_PLUGIN=module:function`` names
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` + the ``uni`` executor). ``BENCH_VLLM_PLUGIN=module:function`` names
     another registration to call instead."""
     import importlib
 
-    spec = os.environ.get("SEMBLEND_VLLM_PLUGIN", "") or "semblend.integration.vllm:register"
+    spec = os.environ.get("BENCH_VLLM_PLUGIN", "") or "semblend.integration.vllm:register"
     module, _, func = spec.partition(":")
     getattr(importlib.import_module(module), func or "register")()
 
