@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
-MODE_BLEND = "blend"  # kv_connector_extra_config.mode of the blended prefill (_config validates the modes)
 
 __all__ = ["SemBlendConnectorMetadata", "SemBlendConnectorStats", "SemBlendConnectorV1", "SemBlendWorkerMetadata"]
 
@@ -336,7 +335,7 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         from semblend.integration.vllm import _plugin
         from semblend.integration.vllm._worker import WorkerSide
 
-        if self.adapter.mode == MODE_BLEND and not _plugin.is_registered():
+        if self.adapter.blend and not _plugin.is_registered():
             raise ConfigError(_plugin.NOT_REGISTERED)  # the worker could never reach the model: say so at start-up
 
         head_size = int(spec.head_size) if spec is not None else int(vllm_config.model_config.get_head_size())
@@ -402,7 +401,7 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
         else:
             error = "discovery_only mode loads nothing"
         self.worker_side.register_kv_caches(kv_caches, layout, error)
-        if self.adapter.mode == MODE_BLEND:
+        if self.adapter.blend:
             self.worker_side.set_blend_view(*blend_model_view(self._vllm_config, kv_caches))
 
     def _plan(self) -> StepPlan | None:
