@@ -70,7 +70,7 @@ from _common import RESULTS_DIR, write_json
 ASPECTS = ("challenge", "approach", "outcome")
 SYSTEMS = (None, "You are a helpful research assistant.",
            "You are an expert reviewer of NLP papers. Answer precisely and concisely.")
-GUARD_THRESHOLDS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+GUARD_THRESHOLDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 # Held-out (Lee news) prompts: three phrasings of one instruction, and the RAG layout's questions.
 NEWS_INSTRUCTIONS = (
     "Summarize the following news reports in a few sentences.",
