@@ -11,8 +11,9 @@ Lifecycle of one ``generate`` call::
                                                          # each span's tokens checked against its entry
         k, v = assemble_kv(plan, donor_kv)               # each span from its donor's KV, moved to its target
                                                          # positions (RoPE re-rotation by its own delta)
-        logits = blend_prefill(model, ids, k, v, plan)   # one layer pass: seam / uncovered / deviation tokens
-                                                         # and the suffix ids[P:]; logits of the last token
+        logits = run_blended_prefill(view, ids, k, v,    # semblend_core's one layer pass over the model's
+                                     plan)               # TransformersModelView: seam / uncovered / deviation
+                                                         # tokens and the suffix ids[P:]; logits of the last token
         pipeline.record_outcome(plan, "materialized", loaded_tokens=...)
     else:                                                # a miss, a decline, or ANY error: normal cold prefill
         logits = model(ids)
@@ -45,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from semblend.integration.transformers.blend import BlendStats, assemble_kv, blend_prefill, model_support
+from semblend.integration.transformers.blend import TransformersModelView, model_support
+from semblend_core.blended_prefill import BlendStats, assemble_kv, run_blended_prefill
 from semblend_core.config import SemBlendConfig
 from semblend_core.namespace import CacheNamespace
 from semblend_core.plan import Outcome, Reason, SemanticKvPlan, verify_donor_tokens
@@ -272,6 +274,7 @@ class SemBlendEngine:
         self._id_prefix = f"{uuid.uuid4().hex[:8]}-"
         self._ids = itertools.count()
         self._torch = torch
+        self._blend_view: TransformersModelView | None = None  # built on the first hit, then reused
         self.self_check_report: Mapping[str, float] = MappingProxyType({})
         if self.supported and self.options.self_check:
             reason, report = self._cached_self_check()
@@ -661,10 +664,12 @@ class SemBlendEngine:
                                rope_correction=self.options.rope_correction, total_len=n)
             _sync(self.device)
             t1 = time.perf_counter()
+            if self._blend_view is None:
+                self._blend_view = TransformersModelView(self.model)
             # One pass over the layers: recomputed prefix tokens and the suffix together; logits of the last token.
-            stats, logits = blend_prefill(self.model, torch.tensor(ids, device=self.device), k, v, plan,
-                                          reuse_len=prefix_len, check_layer=self.options.check_layer,
-                                          selection=self.options.selection)
+            stats, logits = run_blended_prefill(self._blend_view, torch.tensor(ids, device=self.device), k, v, plan,
+                                                reuse_len=prefix_len, check_layer=self.options.check_layer,
+                                                selection=self.options.selection)
             _sync(self.device)
             t2 = time.perf_counter()
             cache = build_dynamic_cache(self.model, k, v)  # k/v storage is already in the cache's layout: no copy

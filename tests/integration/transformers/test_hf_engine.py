@@ -199,7 +199,7 @@ def test_materialization_error_falls_back_to_cold(model, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr("semblend.integration.transformers.engine.blend_prefill", boom)
+    monkeypatch.setattr("semblend.integration.transformers.engine.run_blended_prefill", boom)
     res = eng.prefill(target, register=False)
     assert res.outcome == "declined" and res.reason == "internal_error:RuntimeError"
     torch.testing.assert_close(res.logits, cold.logits, atol=1e-5, rtol=0)

@@ -105,17 +105,17 @@ def test_self_check_catches_a_family_wrongly_allowlisted(monkeypatch):
 
 
 def test_self_check_catches_a_broken_loop(monkeypatch):
-    real = engine_mod.blend_prefill
+    real = engine_mod.run_blended_prefill
 
     def off_by_a_little(*args, **kwargs):  # a loop bug of the size the review measured for OLMo (8.5e-4)
         stats, logits = real(*args, **kwargs)
         return stats, logits + 1e-3 * logits.abs().max()
 
-    monkeypatch.setattr(engine_mod, "blend_prefill", off_by_a_little)
+    monkeypatch.setattr(engine_mod, "run_blended_prefill", off_by_a_little)
     eng = make_engine(tiny("llama"))
     assert not eng.supported and eng.unsupported_reason.startswith("self_check_failed:")
     # and one that crashes is a decline too, not a failed start-up
-    monkeypatch.setattr(engine_mod, "blend_prefill", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(engine_mod, "run_blended_prefill", lambda *a, **k: 1 / 0)
     eng = make_engine(tiny("llama"))
     assert not eng.supported and eng.unsupported_reason == "self_check_failed:ZeroDivisionError"
 
