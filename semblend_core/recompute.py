@@ -410,3 +410,55 @@ def suffix_attention_mass(q: Any, k: Any, query_positions: Any, scale: float) ->
     mask = torch.arange(n, device=q.device).reshape(1, n) > qpos  # [m, n], True where the key is in the future
     logits = logits.masked_fill(mask, float("-inf"))
     return torch.softmax(logits, dim=-1).sum(dim=(0, 1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-hit guard: a cheap signal, read off the blended prefill's own output, that a hit is risky.
+#
+# The frontier (benchmarks/quality_frontier.py) shows where reused answers leave the cold answer: at near-ties. A
+# blended prefill whose first-token distribution has a small top-1/top-2 margin is the one whose answer flips; a
+# large margin survives the small KV error of a reused document. The guard reads that margin from the logits the
+# blended prefill already produced (no extra model work) and tells the engine to serve the hit cold instead.
+# ----------------------------------------------------------------------------------------------------------------
+
+GUARD_ACTIONS = ("cold",)
+
+__all__ += ["GUARD_ACTIONS", "HitGuard", "first_token_margin"]
+
+
+def first_token_margin(logits: Any) -> float:
+    """Top-1 minus top-2 log-probability of a next-token distribution ``logits [vocab]`` (nats; equal to the
+    logit gap, the softmax normaliser cancels). ``inf`` for a one-token vocabulary, ``-inf`` if a NaN is present.
+    numpy or torch (read through ``.detach().cpu()``); pure."""
+    x = _as_numpy(logits, "logits").astype(np.float64, copy=False).reshape(-1)
+    if x.size == 0:
+        raise ValueError("logits must not be empty")
+    if np.isnan(x).any():
+        return float("-inf")
+    if x.size == 1:
+        return float("inf")
+    top2 = np.partition(x, x.size - 2)[-2:]
+    return float(top2[1] - top2[0])
+
+
+@dataclass(frozen=True)
+class HitGuard:
+    """Flag a blended prefill whose first-token margin is below ``min_margin`` nats; ``action`` is what the engine
+    then does (``cold``: discard the blended KV and run a normal prefill, recorded as a decline with reason
+    ``guard_low_margin``). The cost is the cold prefill of every flagged hit; the frontier reports the catch rate
+    (divergent hits flagged) and that cost per threshold.
+    """
+
+    min_margin: float = 1.0
+    action: str = "cold"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_margin, bool) or not isinstance(self.min_margin, (int, float)) \
+                or math.isnan(self.min_margin) or self.min_margin < 0:
+            raise ValueError(f"HitGuard.min_margin={self.min_margin!r}; allowed: a number >= 0 (nats)")
+        if self.action not in GUARD_ACTIONS:
+            raise ValueError(f"HitGuard.action={self.action!r}; allowed: {', '.join(GUARD_ACTIONS)}")
+
+    def fires(self, logits: Any) -> bool:
+        """Whether the blended prefill's next-token ``logits [vocab]`` are too close to a tie to trust."""
+        return first_token_margin(logits) < float(self.min_margin)

@@ -62,6 +62,7 @@ _MISS_OUTCOMES = {
 }
 REASON_DONOR_KV_EVICTED = "donor_kv_evicted"
 REASON_NOTHING_BEFORE_SUFFIX = "nothing_before_suffix"
+REASON_GUARD_LOW_MARGIN = "guard_low_margin"
 
 
 class _DonorKvMismatch(Exception):
@@ -93,6 +94,9 @@ class EngineOptions:
       (``semblend_core.model_support.compare_self_check``); a model that fails declines every prompt with
       ``self_check_failed:<what>``. Costs three prefills of a few dozen tokens, once per model, dtype and device.
       Off only for tests that need a deliberately broken loop.
+    * ``guard``: a ``semblend_core.recompute.HitGuard``; a hit whose blended first-token margin is below its
+      threshold is discarded and served by a normal prefill (outcome ``declined``, reason ``guard_low_margin``).
+      ``None`` (default): no guard.
     * ``selection``: a ``semblend_core.recompute.SelectionStrategy`` that picks the budgeted tokens instead of the
       deviation check (``check_layer`` is then unused); ``None`` keeps the check.
     """
@@ -106,6 +110,7 @@ class EngineOptions:
     namespace: CacheNamespace | None = None
     self_check: bool = True
     selection: Any = None
+    guard: Any = None  # a semblend_core.recompute.HitGuard: risky hits (first-token margin) are served cold
 
     def __post_init__(self) -> None:
         if not isinstance(self.self_check, bool):
@@ -609,6 +614,11 @@ class SemBlendEngine:
                            type(exc).__name__, exc)
             logger.debug("materialization failure", exc_info=True)
             return self._decline(ids, start, plan, reason, request_id, plan_s)
+        guard = self.options.guard
+        if guard is not None and guard.fires(result.logits):
+            # A near-tie first token: the small error of reused KV decides the answer. Serve it cold (the blended
+            # work is wasted; benchmarks/quality_frontier.py measures that cost and the catch rate).
+            return self._decline(ids, start, result.plan, REASON_GUARD_LOW_MARGIN, request_id, plan_s)
         self.pipeline.record_outcome(result.plan, Outcome.MATERIALIZED, loaded_tokens=result.plan.reused_tokens)
         return result
 

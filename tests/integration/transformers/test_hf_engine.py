@@ -281,3 +281,28 @@ def test_reuse_inside_the_fresh_suffix_is_declined(model):
     eng.prefill(donor)
     res = eng.prefill(target, register=False)
     assert res.outcome == "declined" and res.reason == "nothing_before_suffix"
+
+
+def test_hit_guard_serves_near_ties_cold(model):
+    from semblend_core.recompute import HitGuard, first_token_margin
+
+    donor, target, _ = shifted_case(model)
+    plain = engine(model)
+    plain.prefill(donor)
+    hit = plain.prefill(target, register=False)
+    assert hit.outcome == "materialized"
+    margin = first_token_margin(hit.logits)
+    cold = plain.cold_prefill(target)
+    # A threshold above this hit's margin fires: the request is served cold, with the reason.
+    strict = engine(model, guard=HitGuard(min_margin=margin + 1.0))
+    strict.prefill(donor)
+    res = strict.prefill(target, register=False)
+    assert res.outcome == "declined" and res.reason == "guard_low_margin"
+    torch.testing.assert_close(res.logits, cold.logits, atol=1e-5, rtol=0)
+    assert res.recomputed_fraction == 1.0
+    # A threshold at or below it keeps the hit, bit for bit what the unguarded engine serves.
+    lax = engine(model, guard=HitGuard(min_margin=max(0.0, margin - 1e-3)))
+    lax.prefill(donor)
+    kept = lax.prefill(target, register=False)
+    assert kept.outcome == "materialized"
+    torch.testing.assert_close(kept.logits, hit.logits, atol=0, rtol=0)
