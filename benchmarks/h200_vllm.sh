@@ -23,7 +23,7 @@
 # (/work/main), after `cp -r ../shared/gpu-vllm/bundle .gpu-vllm` (see /work/shared/gpu-vllm/README.md):
 #   B=.carry/vblend; rm -rf $B .carry/vblend_b; mkdir -p $B/benchmarks $B/model .carry/vblend_b
 #   cp -r semblend semblend_core $B/
-#   cp benchmarks/{vllm_ttft.py,vllm_quality.py,_smollm2_parts.py,_common.py,h200_vllm.sh} $B/benchmarks/
+#   cp benchmarks/{vllm_ttft.py,vllm_quality.py,_vllm_blend.py,_smollm2_parts.py,_common.py,h200_vllm.sh} $B/benchmarks/
 #   echo "{\"commit\": \"$(git rev-parse HEAD)\"}" > $B/COMMIT.json
 #   cp -r .carry/vllmgpu/whl $B/                     # rapidfuzz cp312 (pip download rapidfuzz, see above)
 #   cp .carry/vllmgpu/model/* $B/model/              # SmolLM2 part-00 + smollm2.json (_smollm2_parts.py pack)

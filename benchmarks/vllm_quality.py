@@ -54,6 +54,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules next to this script
+from _vllm_blend import record_plans, set_ratio
+
 SYSTEM_BLOCK = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                 "<|im_end|>\n")
 QUESTION_A = "What problem does this paper address? Answer in one sentence."
@@ -453,62 +456,14 @@ def _blend_llm(args: argparse.Namespace, mode: str | None) -> Any:
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra,
         }
         if mode == "blend":
-            _register_plugins()
+            from _vllm_blend import register_plugins
+
+            register_plugins()
     return LLM(**kwargs)
 
 
-def _register_plugins() -> None:
-    """Blend mode needs SemBlend's vLLM model plugin in this process. vLLM loads ``vllm.general_plugins`` entry
-    points from installed metadata only; code run from ``PYTHONPATH`` (the H200 copy) has none, so the benchmark
-    calls ``semblend.integration.vllm.register()`` itself (enough for an in-process engine:
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` + the ``uni`` executor). ``BENCH_VLLM_PLUGIN=module:function`` names
-    another registration to call instead."""
-    import importlib
-
-    spec = os.environ.get("BENCH_VLLM_PLUGIN", "") or "semblend.integration.vllm:register"
-    module, _, func = spec.partition(":")
-    getattr(importlib.import_module(module), func or "register")()
-
-
-def _pipeline_of(llm: Any) -> Any:
-    side = llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().scheduler_side
-    for name in ("pipeline", "_pipeline"):
-        if hasattr(side, name):
-            return side, getattr(side, name)
-    raise RuntimeError(f"no pipeline on {type(side).__name__}: set the ratio per engine (--ratio-per-engine)")
-
-
-def set_ratio(llm: Any, ratio: float) -> None:
-    """Benchmark-only switch: plans made from now on carry ``recompute_budget = ratio`` (and its layer policy).
-
-    The scheduler side copies the budget into each ``SemanticKvPlan`` and the worker's executor reads it from the
-    plan, so one engine (one donor store) serves every ratio. :func:`_record_plans` checks that the plans of the
-    next requests really carry it."""
-    from semblend_core.bathtub import layer_recompute_policy
-
-    side, pipe = _pipeline_of(llm)
-    cfg = dataclasses.replace(pipe.config, recompute_budget=float(ratio))
-    pipe.config = cfg
-    pipe._layer_policy = layer_recompute_policy(pipe.model_shape, cfg.recompute_budget, cfg.bathtub_preset,
-                                                cfg.layer_recompute)
-    adapter = getattr(side, "adapter", None)
-    if dataclasses.is_dataclass(adapter) and "recompute_ratio" in {f.name for f in dataclasses.fields(adapter)}:
-        side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio))
-
-
-def _record_plans(llm: Any) -> list[Any]:
-    """Wrap the scheduler's ``pipeline.plan`` (benchmark-only) so the plans it makes can be read back."""
-    _, pipe = _pipeline_of(llm)
-    seen: list[Any] = []
-    inner = pipe.plan
-
-    def plan(*a: Any, **kw: Any) -> Any:
-        out = inner(*a, **kw)
-        seen.append(out)
-        return out
-
-    pipe.plan = plan
-    return seen
+def _scheduler_side(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().scheduler_side
 
 
 def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
@@ -528,7 +483,7 @@ def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"role": args.role, "startup_s": time.perf_counter() - t0, "vllm": vllm.__version__,
                               "device": torch.cuda.get_device_name(0) if _on_gpu() else platform.processor()
                               or "cpu", "dtype": "bfloat16" if _on_gpu() else "float32", "rows": []}
-    plans = _record_plans(llm) if args.role != "cold" else []
+    plans = record_plans(_scheduler_side(llm)) if args.role != "cold" else []
     cold = {r["id"]: r for r in json.loads(Path(args.cold).read_text())["rows"]} if args.cold else {}
     out = Path(args.out)
     for item in items:
@@ -543,7 +498,7 @@ def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
             _captures(llm, False)
         for ratio in ratios:
             if ratio is not None:
-                set_ratio(llm, ratio)
+                set_ratio(_scheduler_side(llm), ratio)
             del plans[:]
             ts = time.perf_counter()
             greedy, cached = _greedy(llm, item["target"], args.new_tokens, salt)

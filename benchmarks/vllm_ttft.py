@@ -62,6 +62,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules next to this script
+from _vllm_blend import record_plans, set_ratio
+
 # Qwen2.5-7B-Instruct's public config.json values (no weights: load_format="dummy").
 QWEN25_7B_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 3584,
@@ -462,56 +465,6 @@ def blend_connector_config(args: argparse.Namespace) -> dict[str, Any]:
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
 
-def _register_plugins() -> None:
-    """Blend mode needs SemBlend's vLLM model plugin in this process. vLLM loads ``vllm.general_plugins`` entry
-    points from installed metadata only; code run from ``PYTHONPATH`` (the H200 copy) has none, so the benchmark
-    calls ``semblend.integration.vllm.register()`` itself (enough for an in-process engine:
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` + the ``uni`` executor). ``BENCH_VLLM_PLUGIN=module:function`` names
-    another registration to call instead."""
-    import importlib
-
-    spec = os.environ.get("BENCH_VLLM_PLUGIN", "") or "semblend.integration.vllm:register"
-    module, _, func = spec.partition(":")
-    getattr(importlib.import_module(module), func or "register")()
-
-
-def _pipeline_of(connector: Any) -> tuple[Any, Any]:
-    side = connector.scheduler_side
-    for name in ("pipeline", "_pipeline"):
-        if hasattr(side, name):
-            return side, getattr(side, name)
-    raise RuntimeError(f"no pipeline on {type(side).__name__}: run one engine per ratio (--ratio-per-engine)")
-
-
-def set_ratio(connector: Any, ratio: float) -> None:
-    """Benchmark-only switch: plans made from now on carry ``recompute_budget = ratio`` (and its bathtub layer
-    policy); the worker's executor reads the budget from the plan. :func:`_record_plans` checks it arrived."""
-    from semblend_core.bathtub import layer_recompute_policy
-
-    side, pipe = _pipeline_of(connector)
-    cfg = dataclasses.replace(pipe.config, recompute_budget=float(ratio))
-    pipe.config = cfg
-    pipe._layer_policy = layer_recompute_policy(pipe.model_shape, cfg.recompute_budget, cfg.bathtub_preset,
-                                                cfg.layer_recompute)
-    adapter = getattr(side, "adapter", None)
-    if dataclasses.is_dataclass(adapter) and "recompute_ratio" in {f.name for f in dataclasses.fields(adapter)}:
-        side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio))
-
-
-def _record_plans(connector: Any) -> list[Any]:
-    _, pipe = _pipeline_of(connector)
-    seen: list[Any] = []
-    inner = pipe.plan
-
-    def plan(*a: Any, **kw: Any) -> Any:
-        out = inner(*a, **kw)
-        seen.append(out)
-        return out
-
-    pipe.plan = plan
-    return seen
-
-
 class HookTimer:
     """Wall time (host) and CUDA-event span (device) of the worker connector's pre-forward hooks, per call.
 
@@ -654,7 +607,9 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
     lengths = [int(x) for x in args.lengths.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
     if args.role == "blend":
-        _register_plugins()
+        from _vllm_blend import register_plugins
+
+        register_plugins()
     bench = Bench(args, blend_connector_config(args) if args.role == "blend" else None)
     result: dict[str, Any] = {
         "engine": args.engine, "role": args.role, "startup_s": bench.startup_s, "vllm": vllm.__version__,
@@ -668,7 +623,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
         out.write_text(json.dumps(_jsonable(result), indent=1))
 
     timer = HookTimer(args.hooks.split(",")) if args.role == "blend" else None
-    plans = _record_plans(bench.connector) if args.role == "blend" else []
+    plans = record_plans(bench.connector.scheduler_side) if args.role == "blend" else []
     if timer is not None:
         result["hooked"] = timer.hooked
     t_start = time.perf_counter()
@@ -681,7 +636,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
         bench.captures(False)
         first = []
         for ratio in ratios:
-            set_ratio(bench.connector, ratio)
+            set_ratio(bench.connector.scheduler_side, ratio)
             first.append(round(bench.ttft(target(0))[0] * 1e3, 3))
         result["first_hits_2k_ms"] = dict(zip(map(str, ratios), first))
         result["first_hit_stats"] = bench.take_stats()
@@ -703,7 +658,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
             timer.take()
             row["ratios"] = {}
             for ratio in ratios:
-                set_ratio(bench.connector, ratio)
+                set_ratio(bench.connector.scheduler_side, ratio)
                 del plans[:]
                 hit = bench.series(target, args.repeats)
                 hooks = timer.take()
