@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="$(bash scripts/setup_vllm_cpu_env.sh | tail -n 1)"
+# The environment's hash covers its setup script, not pyproject.toml: an editable install made before an entry point
+# was added lacks it (blend mode needs vllm.general_plugins: semblend). Reinstall the metadata when it is missing.
+"$PY" -c 'import importlib.metadata as m, sys; sys.exit(not any(e.name == "semblend" for e in m.entry_points(group="vllm.general_plugins")))' \
+  || "$PY" -m pip install -q --no-deps -e . >&2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 start=$(date +%s)
 for module in tests/integration/vllm/e2e/test_e2e_*.py; do

@@ -341,6 +341,18 @@ class SchedulerSide:
         self.stats.plan_time(time.perf_counter() - t0)
         return plan
 
+    def _new_decision(self, st: _RequestState, num_local: int) -> _Decision:
+        """A fresh decision for this ``num_computed_tokens``. One plan per request (the pipeline records a miss each
+        time it plans): a re-admission after a preemption or a new local hit reuses it; only the credit is
+        recomputed by the caller. A miss is counted here and comes back with its reason."""
+        plan = st.plan if st.plan is not None else self._plan(st, num_local)
+        d = _Decision(num_local=num_local, plan=plan)
+        st.decision, st.plan = d, plan
+        if not plan.is_hit:
+            self._count_plan_outcome(st, plan)  # the pipeline recorded the miss in its telemetry
+            d.reason = plan.reason
+        return d
+
     def _decide(self, st: _RequestState, request: Any, num_local: int) -> _Decision:
         d = st.decision
         if d is not None and d.num_local == num_local:
@@ -348,14 +360,9 @@ class SchedulerSide:
                 d.credit, d.reason = 0, DeclineReason.DONOR_KV_EVICTED
                 self._record(st, d.plan, Outcome.DECLINED, d.reason)
             return d
-        # One plan per request (the pipeline records a miss each time it plans): a re-admission after a preemption
-        # or a new local hit reuses it; only the credit is recomputed.
-        plan = st.plan if st.plan is not None else self._plan(st, num_local)
-        d = _Decision(num_local=num_local, plan=plan)
-        st.decision, st.plan = d, plan
+        d = self._new_decision(st, num_local)
+        plan = d.plan
         if not plan.is_hit:
-            self._count_plan_outcome(st, plan)  # the pipeline recorded the miss in its telemetry
-            d.reason = plan.reason
             return d
         # Only the prompt counts: a resumed request's output tokens are never reused.
         n = min(plan.prefix_reusable_tokens(self.block_size), st.num_prompt_tokens - 1)
@@ -429,12 +436,9 @@ class SchedulerSide:
                 d.credit, d.reason = 0, DeclineReason.DONOR_KV_EVICTED
                 self._record(st, d.plan, Outcome.DECLINED, d.reason)
             return d
-        plan = st.plan if st.plan is not None else self._plan(st, num_local)
-        d = _Decision(num_local=num_local, plan=plan)
-        st.decision, st.plan = d, plan
+        d = self._new_decision(st, num_local)
+        plan = d.plan
         if not plan.is_hit:
-            self._count_plan_outcome(st, plan)
-            d.reason = plan.reason
             return d
         d.reason = self._gate_blend(st, d)
         if not d.credit:
