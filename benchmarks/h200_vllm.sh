@@ -37,7 +37,10 @@
 #   2. carry [".gpu-vllm/c2", ".carry/vblend"]: bash .carry/vblend/benchmarks/h200_vllm.sh blend_ttft
 #      (~7.5 min: eager cold + blend, then compiled cold + blend while --total-budget-s lasts)
 #   3. carry [".carry/vblend_b"]:               bash /tmp/vb/benchmarks/h200_vllm.sh blend_quality
-#      (~4 min: SmolLM2 cold, prefix, blend at every ratio; 24 items per layout)
+#      (~8.5 min: SmolLM2 cold ~100 s, prefix ~90 s, blend at every ratio ~250 s, each with ~45 s start-up; 24 items
+#      per layout. The committed vllm_blend_quality_h200.json came from two calls on 2026-12-01: cold + prefix with a
+#      250 s budget, which cut the blend engine, then `vllm_quality.py blend-engine --role blend --cold <that cold
+#      file>` alone, summarized here with `blend-summarize`.)
 # Env (optional): BENCH_VLLM_PLUGIN=module:function (default semblend.integration.vllm:register, which the
 # benchmarks call before LLM(): code run from PYTHONPATH has no entry points), BLEND_TTFT_ARGS / BLEND_QUALITY_ARGS (extra arguments,
 # e.g. "--ratio-per-engine --engines eager" if the ratio cannot be switched at run time), *_BUDGET / *_TIMEOUT.
@@ -68,10 +71,10 @@ print(vllm.__version__, torch.__version__, c.__file__)' || exit 4
     cp -r .carry/vblend_b/model/. /tmp/vb/model/
     [ -d .carry/vblend_b/code ] && cp -r .carry/vblend_b/code/. /tmp/vb/   # late code fixes
     python3 /tmp/vb/benchmarks/_smollm2_parts.py unpack /tmp/vb/model --out /tmp/smollm2 || exit 5
-    timeout "${BLEND_QUALITY_TIMEOUT:-300}" python3 /tmp/vb/benchmarks/vllm_quality.py blend-all \
+    timeout "${BLEND_QUALITY_TIMEOUT:-560}" python3 /tmp/vb/benchmarks/vllm_quality.py blend-all \
       --prompts /tmp/vb/blend_prompts.json --model-dir /tmp/smollm2 --out "$OUT/work" \
       --name vllm_blend_quality_h200.json --new-tokens 32 --per-layout 24 --kv-cache-gib 4 --max-model-len 4096 \
-      --total-budget-s "${BLEND_QUALITY_BUDGET:-270}" ${BLEND_QUALITY_ARGS:-}
+      --total-budget-s "${BLEND_QUALITY_BUDGET:-520}" ${BLEND_QUALITY_ARGS:-}
     echo "blend quality rc=$?"
     cp "$OUT/work/vllm_blend_quality_h200.json" "$OUT/" 2>/dev/null
   fi
