@@ -293,6 +293,12 @@ class Engine:
             from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
             from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+            from semblend.integration.vllm import register
+
+            # A vLLM worker process has run its general plugins (SemBlend's entry point) before it builds the
+            # connector; this harness is not a vLLM process, so it does what that entry point does. That vLLM's own
+            # loader finds and runs the entry point is test_vllm_plugin.py's job.
+            register()
             self.worker = KVConnectorFactory.create_connector(
                 vllm_config, KVConnectorRole.WORKER, kv_cache_config(self.block_size, num_blocks))
             caches = paged_kv_caches(self.block_size, num_blocks, layout)
@@ -300,6 +306,12 @@ class Engine:
             self.backend = StandInBackend(backend)
             self.backend.attach(vllm_config, names)
             self.worker.register_kv_caches(caches)
+            if stand_in_blend:
+                # The stand-in model is no vLLM model, so the worker found no model view and queued
+                # blend_unavailable; this harness runs the blends itself (_stand_in_blends) and takes that back.
+                side = self.worker.worker_side
+                side.blend_error = ""
+                side._report = dataclasses.replace(side._report, blend_unavailable=())
             self.model = FakeModel([caches[n] for n in names], self.backend, self.block_size)
 
     @property
