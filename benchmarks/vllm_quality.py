@@ -597,21 +597,9 @@ def run_blend_transformers(args: argparse.Namespace) -> dict[str, Any]:
 
 def _rouge_l_ids(a: list[int], b: list[int]) -> float:
     """ROUGE-L F1 over token ids (the GPU machine has no tokenizer; text ROUGE-L is added where one loads)."""
-    if not a and not b:
-        return 1.0
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(b), lcs / len(a)
-    return 2 * p * r / (p + r)
+    from semblend.integration.transformers.metrics import rouge_l_tokens
+
+    return rouge_l_tokens(a, b)
 
 
 def _decoder() -> Any:

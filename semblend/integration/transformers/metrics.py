@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["kl_divergence", "perplexity", "rouge_l", "teacher_forced_logits", "top1_agreement"]
+__all__ = ["kl_divergence", "perplexity", "rouge_l", "rouge_l_tokens", "teacher_forced_logits", "top1_agreement"]
 
 
 def teacher_forced_logits(model: Any, prefill: Any, answer_ids: Sequence[int]) -> Any:
@@ -68,7 +68,7 @@ def kl_divergence(cold_logits: Any, logits: Any) -> float:
     return max(0.0, float((p.exp() * (p - q)).sum()))
 
 
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+def _lcs(a: Sequence[Any], b: Sequence[Any]) -> int:
     prev = [0] * (len(b) + 1)
     for x in a:
         cur = [0]
@@ -78,6 +78,19 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
+def rouge_l_tokens(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
+    """ROUGE-L F1 over two token sequences (words or token ids; 1.0 when both are empty, no stemming)."""
+    if not reference and not candidate:
+        return 1.0
+    if not reference or not candidate:
+        return 0.0
+    lcs = _lcs(reference, candidate)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(candidate), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
 def rouge_l(reference: str, candidate: str) -> float:
     """ROUGE-L F1 of ``candidate`` against ``reference`` (1.0 when both are empty)."""
     if not reference.strip() and not candidate.strip():
@@ -85,13 +98,6 @@ def rouge_l(reference: str, candidate: str) -> float:
     try:
         from rouge_score import rouge_scorer
     except ImportError:  # same definition on whitespace tokens, without stemming
-        a, b = reference.lower().split(), candidate.lower().split()
-        if not a or not b:
-            return 0.0
-        lcs = _lcs(a, b)
-        if lcs == 0:
-            return 0.0
-        p, r = lcs / len(b), lcs / len(a)
-        return 2 * p * r / (p + r)
+        return rouge_l_tokens(reference.lower().split(), candidate.lower().split())
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return float(scorer.score(reference, candidate)["rougeL"].fmeasure)
