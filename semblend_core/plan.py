@@ -21,6 +21,8 @@ may record ``materialized`` (rule 2).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +126,17 @@ class PlanTimings:
 # diverge (SmolLM2 in real vLLM: teacher-forced top-1 0.60 vs cold; 0.955 once the first 16 tokens are exact,
 # benchmarks/results/vllm_quality_h200.json and vllm_quality_cpu_reference.json).
 SINK_TOKENS = 16
+
+
+def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint half-open ranges covering the non-empty ``ranges``."""
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
 
 
 def _ranges_to_positions(ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -248,6 +261,20 @@ class SemanticKvPlan:
         ``sink_tokens`` positions: the first span is not context-exact and the engine's own exact prefix covers
         fewer than ``sink_tokens``. Adapters then decline with ``Reason.MOVED_FIRST_BLOCK`` (see SINK_TOKENS)."""
         return bool(self.spans) and not self.spans[0].context_exact and engine_prefix_tokens < sink_tokens
+
+    def with_sink_recompute(self, engine_prefix_tokens: int, end: int, sink_tokens: int = SINK_TOKENS
+                            ) -> SemanticKvPlan:
+        """This plan with target ``[max(engine_prefix_tokens, exact_end), min(sink_tokens, end))`` added to its
+        mandatory recompute ranges, where ``exact_end`` is the end of a context-exact first span (0 without one).
+        For engines that recompute instead of declining (:meth:`moves_sink_tokens`): the first tokens are the
+        model's attention sinks, and moved KV there makes answers diverge; recomputed at every layer over a context
+        that is itself exact or recomputed, they are a cold prefill's KV. Pure; the plan itself when nothing moves."""
+        first = min(self.spans, key=lambda sp: sp.target_start) if self.spans else None
+        exact_end = first.target_end if first is not None and first.context_exact else 0
+        lo, hi = max(int(engine_prefix_tokens), exact_end), min(int(sink_tokens), int(end))
+        if lo >= hi:
+            return self
+        return dataclasses.replace(self, recompute_ranges=_merge_ranges((*self.recompute_ranges, (lo, hi))))
 
     def detail(self, key: str, default: Any = None) -> Any:
         for k, v in self.details:

@@ -25,8 +25,9 @@ Modes
   the region, a shifted span with inexact RoPE, donor KV not resident (such donors are dropped from the plan with
   ``SemBlendPipeline.drop_donors`` and the quality gates re-applied; decline only if it fails them), stored KV of
   another geometry, or too little left to reuse. The moved-first-block rule of ``prefix`` does not apply: the
-  first ``SINK_TOKENS`` positions are made mandatory recompute whenever they are not context-exact (recomputed at
-  every layer over an exact causal context, they equal a cold prefill's). The whole blended range is tainted.
+  first ``SINK_TOKENS`` positions are made mandatory recompute whenever they are not context-exact
+  (``SemanticKvPlan.with_sink_recompute``; recomputed at every layer over an exact causal context, they equal a
+  cold prefill's). The whole blended range is tainted.
 
 Exact-cache safety
 ------------------
@@ -45,7 +46,6 @@ shareable.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -74,7 +74,6 @@ from semblend.integration.vllm._metadata import (
 from semblend.integration.vllm._metrics import ConnectorStats
 from semblend_core import CacheNamespace, Outcome, Reason, SemanticKvPlan
 from semblend_core.errors import SemBlendError
-from semblend_core.plan import SINK_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -468,7 +467,7 @@ class SchedulerSide:
             end = self._blend_end(plan, st.num_prompt_tokens)
             if end <= num_local:
                 return reason
-        plan = _with_sink_recompute(plan, num_local, end)
+        plan = plan.with_sink_recompute(num_local, end)
         min_gain = int(getattr(getattr(self.pipeline, "config", None), "chunk_size", self.block_size))
         if _reusable_tokens(plan, num_local, end) < max(1, min_gain):
             return DeclineReason.NO_GAIN
@@ -816,29 +815,6 @@ class SchedulerSide:
 def _spans_in(plan: SemanticKvPlan, lo: int, hi: int) -> list[Any]:
     """The plan's spans that reach into target ``[lo, hi)``."""
     return [sp for sp in plan.spans if sp.target_end > lo and sp.target_start < hi]
-
-
-def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    out: list[list[int]] = []
-    for a, b in sorted((int(a), int(b)) for a, b in ranges if b > a):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return tuple((a, b) for a, b in out)
-
-
-def _with_sink_recompute(plan: SemanticKvPlan, num_local: int, end: int) -> SemanticKvPlan:
-    """``plan`` with target ``[max(num_local, exact_end), SINK_TOKENS)`` in its mandatory recompute ranges, where
-    ``exact_end`` is the end of a context-exact first span (0 without one). The first tokens are the model's
-    attention sinks: moved KV there makes answers diverge (``semblend_core.plan.SINK_TOKENS``); recomputed at every
-    layer over a context that is itself exact or recomputed, they are a cold prefill's KV."""
-    first = min(plan.spans, key=lambda sp: sp.target_start) if plan.spans else None
-    exact_end = first.target_end if first is not None and first.context_exact else 0
-    lo, hi = max(num_local, exact_end), min(SINK_TOKENS, end)
-    if lo >= hi:
-        return plan
-    return dataclasses.replace(plan, recompute_ranges=_merge_ranges((*plan.recompute_ranges, (lo, hi))))
 
 
 def _reusable_tokens(plan: SemanticKvPlan, lo: int, hi: int) -> int:
