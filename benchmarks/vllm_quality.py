@@ -200,12 +200,7 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"id": p["id"], "greedy": out, "cached_tokens": cached, "tf_cached_tokens": tf_cached,
                              "tf_top1": top1, "tf_rank": ranks, "target_tokens": len(p["target"])})
             result["layouts"][layout] = rows
-        try:
-            result["connector_stats"] = json.loads(json.dumps(
-                llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().semblend_stats(),
-                default=repr))
-        except Exception as exc:  # noqa: BLE001 - diagnostics only
-            result["connector_stats_error"] = repr(exc)
+        _record_connector_stats(result, llm)
     result["wall_s"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(result))
     return result
@@ -462,6 +457,16 @@ def _blend_llm(args: argparse.Namespace, mode: str | None) -> Any:
     return LLM(**kwargs)
 
 
+def _record_connector_stats(result: dict[str, Any], llm: Any) -> None:
+    """``result["connector_stats"]``: the connector's ``semblend_stats()`` as JSON (diagnostics: a failure is kept
+    as ``connector_stats_error`` instead)."""
+    try:
+        result["connector_stats"] = json.loads(json.dumps(
+            llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().semblend_stats(), default=repr))
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        result["connector_stats_error"] = repr(exc)
+
+
 def _scheduler_side(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().scheduler_side
 
@@ -523,12 +528,7 @@ def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
             result["rows"].append(row)
         out.write_text(json.dumps(result))
     if args.role != "cold":
-        try:
-            result["connector_stats"] = json.loads(json.dumps(
-                llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().semblend_stats(),
-                default=repr))
-        except Exception as exc:  # noqa: BLE001 - diagnostics only
-            result["connector_stats_error"] = repr(exc)
+        _record_connector_stats(result, llm)
     result["wall_s"] = time.perf_counter() - t0
     out.write_text(json.dumps(result))
     return result

@@ -405,6 +405,13 @@ def print_table(merged: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- plot
+def _plot_series(ax: Any, xs: list[int], rows: list[dict[str, Any]], get: Any, label: str, **kw: Any) -> None:
+    """One line of ``get(row)`` over ``xs`` (rows where it is None are left out)."""
+    pts = [(x, get(r)) for x, r in zip(xs, rows) if get(r) is not None]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **kw)
+
+
 def plot(path: Path) -> Path:
     import matplotlib
 
@@ -419,9 +426,7 @@ def plot(path: Path) -> Path:
         xs = [r["prompt_tokens"] for r in rows]
 
         def line(get: Any, label: str, **kw: Any) -> None:
-            pts = [(x, get(r)) for x, r in zip(xs, rows) if get(r) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **kw)
+            _plot_series(ax, xs, rows, get, label, **kw)
 
         line(lambda r: r.get("cold", {}).get("median_ms"), "cold (no connector)", color="black")
         line(lambda r: r.get("miss", {}).get("median_ms"), "miss (planning)", color="grey", ls="--")
@@ -843,9 +848,7 @@ def plot_blend(path: Path) -> Path:
         xs = [r["prompt_tokens"] for r in rows]
 
         def line(get: Any, label: str, **kw: Any) -> None:
-            pts = [(x, get(r)) for x, r in zip(xs, rows) if get(r) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **kw)
+            _plot_series(ax, xs, rows, get, label, **kw)
 
         line(lambda r: r.get("cold", {}).get("median_ms"), "cold wall", color="black")
         line(lambda r: (r.get("cold", {}).get("profile") or {}).get("gpu_busy_ms"), "cold GPU-busy", color="black",
