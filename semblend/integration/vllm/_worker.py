@@ -76,11 +76,6 @@ def layer_index(name: str) -> int:
     return int(match.group(1))
 
 
-def _local_tokens(spec: BlendSpec) -> int:
-    """vLLM's own exact prefix hit of a blended request (its rows hold final KV; the executor never touches them)."""
-    return int(getattr(spec, "local_tokens", 0) or 0)
-
-
 def _selection(name: str | None) -> Any:
     """The executor's ``SelectionStrategy`` for a configured name (None: the deviation check picks)."""
     if name is None:
@@ -367,10 +362,10 @@ class WorkerSide:
                 logger.warning("SemBlend: blend for %s failed (%s: %s); vLLM will recompute %d tokens", spec.req_id,
                                type(exc).__name__, exc, spec.num_tokens)
             # vLLM's own exact blocks below local_tokens stay valid (and shared): only the credited ones go back.
-            self._errors.update(spec.block_ids[_local_tokens(spec) // spec.block_size:])
+            self._errors.update(spec.credited_block_ids())
             self._report = self._report.merge(WorkerReport(load_failed=(spec.req_id,), workers=0))
             return
-        blended = spec.num_tokens - _local_tokens(spec)
+        blended = spec.num_blended
         recomputed = min(blended, record)
         self._report = self._report.merge(WorkerReport(
             loaded=((spec.req_id, blended),), load_s=(time.perf_counter() - t0,),
@@ -389,7 +384,7 @@ class WorkerSide:
             raise RuntimeError(f"blend unavailable: {self.blend_error}")
         if not self.ready:
             raise RuntimeError(f"KV layout unknown: {self.layout_error}")
-        plan, n, local = spec.plan, int(spec.num_tokens), _local_tokens(spec)
+        plan, n, local = spec.plan, int(spec.num_tokens), int(spec.local_tokens)
         if not 0 <= local < n or len(spec.token_ids) < n or len(spec.block_ids) * spec.block_size < n:
             raise ValueError(f"bad blend range [{local}, {n}) for {len(spec.token_ids)} tokens")
         if view.num_layers != len(self._storages) or view.num_kv_heads != self.layout.num_kv_heads \
@@ -438,8 +433,8 @@ class WorkerSide:
             ids = torch.as_tensor(target, device=self._device)
             t1 = time.perf_counter()
             stats, _ = run_blended_prefill(view, ids, k, v, plan, reuse_len=n, logits=False, fixed_prefix=local,
-                                           check_layer=getattr(spec, "check_layer", 1),
-                                           selection=_selection(getattr(spec, "selection", None)))
+                                           check_layer=spec.check_layer,
+                                           selection=_selection(spec.selection))
             t2 = time.perf_counter()
             self._scratch_rows(k, v, local, slots[local:], to_cache=True)
         # Host times (on CUDA: launch time, the work is queued on the stream): for diagnostics and tests.
