@@ -29,10 +29,28 @@ def scheduler_pipeline(side: Any) -> tuple[Any, Any]:
     raise RuntimeError(f"no pipeline on {type(side).__name__}: run one engine per ratio (--ratio-per-engine)")
 
 
-def set_ratio(side: Any, ratio: float) -> None:
-    """Plans made from now on carry ``recompute_budget = ratio`` (and its bathtub layer policy). The scheduler side
-    copies the budget into each ``SemanticKvPlan`` and the worker's executor reads it from the plan, so one engine
-    (one donor store) serves every ratio. :func:`record_plans` checks that the plans really carry it."""
+KEEP = object()  # set_ratio: the selection the engine was started with
+_STARTED_WITH: dict[int, Any] = {}  # id(scheduler side) -> its adapter config before the first switch
+
+
+def parse_point(text: str) -> tuple[float, Any]:
+    """An operating point of ``--ratios``: ``"0.05"`` (the engine's own selection), ``"0.05:position"`` (that
+    ``SelectionStrategy``) or ``"0.05:check"`` (no strategy: the deviation check) -> ``(ratio, selection)``, the
+    selection :data:`KEEP`, a strategy name or None."""
+    ratio, _, sel = text.strip().partition(":")
+    return float(ratio), KEEP if not sel else (None if sel == "check" else sel)
+
+
+def point_label(ratio: float, selection: Any) -> str:
+    return f"{ratio:g}" if selection is KEEP else f"{ratio:g}:{selection or 'check'}"
+
+
+def set_ratio(side: Any, ratio: float, selection: Any = KEEP) -> None:
+    """Plans made from now on carry ``recompute_budget = ratio`` (and its bathtub layer policy); with ``selection``
+    (a ``SelectionStrategy`` name, or None for the deviation check) the blends sent from now on use it. The
+    scheduler side copies the budget into each ``SemanticKvPlan`` and the selection into each ``BlendSpec``, and the
+    worker's executor reads both from there, so one engine (one donor store) serves every point.
+    :func:`record_plans` checks that the plans really carry the budget."""
     from semblend_core.bathtub import layer_recompute_policy
 
     side, pipe = scheduler_pipeline(side)
@@ -42,7 +60,11 @@ def set_ratio(side: Any, ratio: float) -> None:
                                                 cfg.layer_recompute)
     adapter = getattr(side, "adapter", None)
     if dataclasses.is_dataclass(adapter) and "recompute_ratio" in {f.name for f in dataclasses.fields(adapter)}:
-        side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio))
+        started = _STARTED_WITH.setdefault(id(side), adapter)
+        side.adapter = dataclasses.replace(adapter, recompute_ratio=float(ratio),
+                                           selection=started.selection if selection is KEEP else selection)
+    elif selection is not KEEP:
+        raise RuntimeError(f"{type(side).__name__} has no adapter config to switch the selection on")
 
 
 def record_plans(side: Any) -> list[Any]:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules next to this script
-from _vllm_blend import record_plans, set_ratio
+from _vllm_blend import parse_point, point_label, record_plans, set_ratio
 
 SYSTEM_BLOCK = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                 "<|im_end|>\n")
@@ -440,7 +440,7 @@ def _blend_llm(args: argparse.Namespace, mode: str | None) -> Any:
         extra: dict[str, Any] = {"mode": mode, "donor_kv_gpu_bytes": 2 << 30 if gpu else 1 << 29,
                                  "min_donor_tokens": 64}
         if mode == "blend":
-            extra["recompute_ratio"] = float(args.ratios.split(",")[0])
+            extra["recompute_ratio"] = parse_point(args.ratios.split(",")[0])[0]
             if args.check_layers:
                 extra["check_layers"] = [int(x) for x in args.check_layers.split(",")]
         extra.update(json.loads(args.extra_config or "{}"))  # a null value removes a key
@@ -484,7 +484,8 @@ def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
                  and not counts.__setitem__(it["layout"], counts[it["layout"]] + 1)]
     t0 = time.perf_counter()
     llm = _blend_llm(args, None if args.role == "cold" else args.role)
-    ratios = [float(x) for x in args.ratios.split(",")] if args.role == "blend" else [None]
+    # operating points "ratio[:selection]" (see _vllm_blend.parse_point), switched at run time
+    ratios = [parse_point(x) for x in args.ratios.split(",")] if args.role == "blend" else [None]
     result: dict[str, Any] = {"role": args.role, "startup_s": time.perf_counter() - t0, "vllm": vllm.__version__,
                               "device": torch.cuda.get_device_name(0) if _on_gpu() else platform.processor()
                               or "cpu", "dtype": "bfloat16" if _on_gpu() else "float32", "rows": []}
@@ -501,9 +502,10 @@ def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
             for d in item["donors"]:
                 _greedy(llm, d, 1, salt)
             _captures(llm, False)
-        for ratio in ratios:
-            if ratio is not None:
-                set_ratio(_scheduler_side(llm), ratio)
+        for point in ratios:
+            ratio = None if point is None else point[0]
+            if point is not None:
+                set_ratio(_scheduler_side(llm), *point)
             del plans[:]
             ts = time.perf_counter()
             greedy, cached = _greedy(llm, item["target"], args.new_tokens, salt)
@@ -514,7 +516,8 @@ def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
             # predicted from a credited row have no logprobs of their own (TF_UNSCORED, left out of the metric).
             base = len(item["target"])
             top1 = [TF_UNSCORED if base + k - 1 < tf_cached else t for k, t in enumerate(top1)]
-            row = {"id": item["id"], "layout": item["layout"], "ratio": ratio, "greedy": greedy,
+            row = {"id": item["id"], "layout": item["layout"], "ratio": ratio,
+                   "point": None if point is None else point_label(*point), "greedy": greedy,
                    "cached_tokens": cached, "tf_cached_tokens": tf_cached, "tf_top1": top1, "tf_rank": ranks,
                    "target_tokens": len(item["target"]), "greedy_s": greedy_s}
             if plans:
@@ -676,10 +679,14 @@ def summarize_blend(prompts: dict[str, Any], cold: dict[str, Any], engines: list
         lay["cold_self_consistency_tf_top1"] = _mean([_mean([int(a == b) for a, b in zip(r["tf_top1"],
                                                                                         r["greedy"])]) for r in crow])
         for e in engines:
-            for ratio in sorted({r["ratio"] for r in e["rows"]}, key=lambda x: -1 if x is None else x):
-                rows = [r for r in e["rows"] if r["layout"] == layout and r["ratio"] == ratio]
+            def point(r: dict[str, Any]) -> str | None:  # older files have no "point": the ratio alone
+                return r.get("point") or (None if r["ratio"] is None else f"{r['ratio']:g}")
+
+            for label in sorted({point(r) for r in e["rows"]},
+                                key=lambda x: (-1.0, "") if x is None else (parse_point(x)[0], x)):
+                rows = [r for r in e["rows"] if r["layout"] == layout and point(r) == label]
                 if rows:
-                    key = e["role"] if ratio is None else f"{e['role']}@{ratio:g}"
+                    key = e["role"] if label is None else f"{e['role']}@{label}"
                     lay[key] = _blend_metrics(rows, ref, text_rouge)
         if transformers_result is not None:
             href = {r["id"]: r for r in transformers_result["cold_rows"]}

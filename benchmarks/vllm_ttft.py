@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules next to this script
-from _vllm_blend import record_plans, set_ratio
+from _vllm_blend import parse_point, point_label, record_plans, set_ratio
 
 # Qwen2.5-7B-Instruct's public config.json values (no weights: load_format="dummy").
 QWEN25_7B_CONFIG = {
@@ -461,7 +461,7 @@ def blend_connector_config(args: argparse.Namespace) -> dict[str, Any]:
     """``kv_transfer_config`` of SemBlendConnectorV1 in mode ``blend`` (the first of ``--ratios`` at start-up)."""
     extra: dict[str, Any] = {"mode": "blend", "donor_kv_gpu_bytes": int(args.donor_gib * (1 << 30)),
                              "min_donor_tokens": 256, "max_prompt_tokens": 1 << 17,
-                             "recompute_ratio": float(args.ratios.split(",")[0])}
+                             "recompute_ratio": parse_point(args.ratios.split(",")[0])[0]}
     if args.check_layers:
         extra["check_layers"] = [int(x) for x in args.check_layers.split(",")]
     extra.update(json.loads(args.extra_config or "{}"))  # a null value removes a key
@@ -610,7 +610,8 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    ratios = [float(x) for x in args.ratios.split(",")]
+    points = [parse_point(x) for x in args.ratios.split(",")]
+    ratios = [point_label(*p) for p in points]
     if args.role == "blend":
         from _vllm_blend import register_plugins
 
@@ -640,10 +641,10 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
         bench.ttft(donor)
         bench.captures(False)
         first = []
-        for ratio in ratios:
-            set_ratio(bench.connector.scheduler_side, ratio)
+        for point in points:
+            set_ratio(bench.connector.scheduler_side, *point)
             first.append(round(bench.ttft(target(0))[0] * 1e3, 3))
-        result["first_hits_2k_ms"] = dict(zip(map(str, ratios), first))
+        result["first_hits_2k_ms"] = dict(zip(ratios, first))
         result["first_hit_stats"] = bench.take_stats()
         timer.take()
         dump()
@@ -662,8 +663,8 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
             bench.captures(False)
             timer.take()
             row["ratios"] = {}
-            for ratio in ratios:
-                set_ratio(bench.connector.scheduler_side, ratio)
+            for label, (ratio, selection) in zip(ratios, points):
+                set_ratio(bench.connector.scheduler_side, ratio, selection)
                 del plans[:]
                 hit = bench.series(target, args.repeats)
                 hooks = timer.take()
@@ -684,7 +685,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
                     hit["profile"] = _profiled(bench, target(0))
                     timer.take()
                 hit["stats"] = bench.take_stats()
-                row["ratios"][f"{ratio:g}"] = hit
+                row["ratios"][label] = hit
                 dump()
         result["rows"].append(row)
         dump()
@@ -756,7 +757,7 @@ def blend_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             need_q = BLEND_TARGETS[f"speedup_{tag}_at_quality_point"]
             cell = {"value": round(s, 2), "target_at_quality_point": need_q, "met_at_quality_point": s >= need_q}
-            if float(ratio) == 0.0:
+            if parse_point(ratio)[0] == 0.0:
                 need0 = BLEND_TARGETS[f"speedup_{tag}_ratio0"]
                 cell.update({"target_ratio0": need0, "met_ratio0": s >= need0})
             out[f"speedup_{tag}_ratio_{ratio}"] = cell
@@ -843,6 +844,7 @@ def plot_blend(path: Path) -> Path:
     engines = list(data["engines"])
     fig, axes = plt.subplots(1, len(engines), figsize=(6.8 * len(engines), 5.0), squeeze=False)
     colors = {"0": "tab:green", "0.05": "tab:blue", "0.15": "tab:orange", "0.3": "tab:red"}
+    spare = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"] * 4)
     for ax, engine in zip(axes[0], engines):
         rows = data["engines"][engine]["rows"]
         xs = [r["prompt_tokens"] for r in rows]
@@ -853,9 +855,9 @@ def plot_blend(path: Path) -> Path:
         line(lambda r: r.get("cold", {}).get("median_ms"), "cold wall", color="black")
         line(lambda r: (r.get("cold", {}).get("profile") or {}).get("gpu_busy_ms"), "cold GPU-busy", color="black",
              ls=":")
-        ratios = sorted({k for r in rows for k in r.get("ratios", {})}, key=float)
+        ratios = sorted({k for r in rows for k in r.get("ratios", {})}, key=lambda k: (parse_point(k)[0], k))
         for ratio in ratios:
-            c = colors.get(ratio)
+            c = colors.get(ratio) or next(spare)
             line(lambda r, k=ratio: r.get("ratios", {}).get(k, {}).get("median_ms"), f"blend r={ratio} wall", color=c)
             line(lambda r, k=ratio: (r.get("ratios", {}).get(k, {}).get("profile") or {}).get("gpu_busy_ms"),
                  f"blend r={ratio} GPU-busy", color=c, ls=":")

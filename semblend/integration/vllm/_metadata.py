@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 
-def _slots(block_ids: tuple[int, ...], block_size: int, start: int, num_tokens: int) -> list[int]:
-    first = start // block_size
-    out = []
-    for t in range(start, start + num_tokens):
-        out.append(block_ids[t // block_size - first] * block_size + t % block_size)
-    return out
+
+def _slots(block_ids: tuple[int, ...], block_size: int, start: int, num_tokens: int) -> np.ndarray:
+    """int64 cache slot of each token of ``[start, start + num_tokens)``; ``block_ids[0]`` holds ``start``. Vectorized:
+    a 32K-token blend used to spend ~5 ms of the hit's critical path in a Python loop here."""
+    tokens = np.arange(start, start + num_tokens, dtype=np.int64)
+    blocks = np.asarray(block_ids, dtype=np.int64)[tokens // block_size - start // block_size]
+    return blocks * block_size + tokens % block_size
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class LoadSpec:
     def delta(self) -> int:
         return self.target_start - self.donor_start
 
-    def slots(self) -> list[int]:
+    def slots(self) -> np.ndarray:
         """Cache slot of every target token, in token order (``num_tokens`` entries)."""
         return _slots(self.block_ids, self.block_size, self.target_start, self.num_tokens)
 
@@ -95,7 +97,7 @@ class BlendSpec:
         """Blocks holding ``[local_tokens, num_tokens)``: what a failed blend reports for recomputation."""
         return self.block_ids[self.local_tokens // self.block_size:]
 
-    def slots(self) -> list[int]:
+    def slots(self) -> np.ndarray:
         """Cache slot of every token of ``[0, num_tokens)``, in token order."""
         return _slots(self.block_ids, self.block_size, 0, self.num_tokens)
 
@@ -112,7 +114,7 @@ class SaveSpec:
     block_size: int
     token_ids: tuple[int, ...] = ()  # the prompt, kept with the KV so the store can refuse a mismatched re-put
 
-    def slots(self) -> list[int]:
+    def slots(self) -> np.ndarray:
         return _slots(self.block_ids, self.block_size, 0, self.num_tokens)
 
 

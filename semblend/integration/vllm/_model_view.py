@@ -16,6 +16,15 @@ classes whose math the view reproduces and returns a decline reason for anything
 * tensor parallel size 1 (a TP shard holds a slice of the heads and of every projection: the executor would need
   vLLM's all-reduces between layers; declined, and the scheduler declines too).
 
+Kernels: the executor runs one layer at a time for a few dozen tokens, so what a call costs on the host decides
+its speed (H200, Qwen2.5-7B, 8K prompt, ratio 0: 15 ms of host launches for 5 ms of GPU work through the modules'
+``forward``). Where it is safe the view calls the kernels those modules dispatch to directly -- vLLM's
+``_C.rms_norm`` and ``_C.silu_and_mul`` ops and ``F.linear`` on the unquantized weights -- skipping the
+``CustomOp`` / IR-op / quant-method dispatch (and, in a torch.compile'd engine, whose custom ops are disabled, the
+plain-torch fallbacks that are several kernels each). Each kernel is chosen once per worker by
+:func:`choose_kernels`: it must exist and give the module's own output on layer 0 (seeded input, relative error
+within :data:`SELF_CHECK_TOL`); otherwise that kind of call goes through the module, as before.
+
 Norms are called with one argument: vLLM's ``RMSNorm(x)`` is the plain RMS norm; its fused ``(x, residual)`` form
 computes ``norm(x + residual)`` and returns the sum as the new residual, the same math the executor's plain
 residual stream does (and it writes in place on GPU, which the executor's tensors must not see).
@@ -24,13 +33,14 @@ residual stream does (and it writes in place on GPU, which the executor's tensor
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from semblend_core.blended_prefill import BlendModelView
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VllmModelView", "build_view", "model_support", "rotary_self_check"]
+__all__ = ["Kernels", "VllmModelView", "build_view", "choose_kernels", "model_support", "rotary_self_check"]
 
 _M = "vllm.model_executor.models"
 # decoder layer class -> (its module, attention class, MLP class)
@@ -164,6 +174,7 @@ class VllmModelView(BlendModelView):
         self.head_dim = int(attn0.head_dim)
         self._qk_norm = [_has_qk_norm(layer.self_attn) for layer in self._layers]
         self._rotary = attn0.rotary_emb  # one table: every layer's rotary is built from the same config
+        self.kernels = Kernels()  # module calls until choose_kernels() has checked the direct ones
 
     def embed(self, token_ids: Any) -> Any:
         return self._decoder.embed_tokens(token_ids)
@@ -180,8 +191,7 @@ class VllmModelView(BlendModelView):
     def qkv(self, layer: int, hidden: Any) -> tuple[Any, Any, Any]:
         block = self._layers[layer]
         attn = block.self_attn
-        x = block.input_layernorm(hidden)
-        out, _ = attn.qkv_proj(x)
+        out = _linear(self.kernels, attn.qkv_proj, _norm(self.kernels, block.input_layernorm, hidden))
         q, k, v = out.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         n = out.shape[0]
         q = q.reshape(n, self.num_heads, self.head_dim)
@@ -196,12 +206,118 @@ class VllmModelView(BlendModelView):
 
     def finish_layer(self, layer: int, attn_out: Any, residual: Any) -> Any:
         block = self._layers[layer]
-        out, _ = block.self_attn.o_proj(attn_out)
-        hidden = residual + out
-        return hidden + block.mlp(block.post_attention_layernorm(hidden))
+        hidden = residual + _linear(self.kernels, block.self_attn.o_proj, attn_out)
+        return hidden + _mlp(self.kernels, block.mlp, _norm(self.kernels, block.post_attention_layernorm, hidden))
 
 
-SELF_CHECK_TOL = 1e-2  # relative error of the rotation check in the model's dtype (bf16 is ~4e-3)
+SELF_CHECK_TOL = 1e-2  # relative error of a self-check in the model's dtype (bf16 rounding is ~4e-3)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which calls of :class:`VllmModelView` go straight to a kernel (True) instead of the module's forward."""
+
+    rms_norm: bool = False  # torch.ops._C.rms_norm for input_layernorm / post_attention_layernorm (q/k norms: module)
+    linear: bool = False  # F.linear(x, weight, bias) for qkv_proj, o_proj, gate_up_proj, down_proj
+    silu_and_mul: bool = False  # torch.ops._C.silu_and_mul between gate_up_proj and down_proj (the whole MLP)
+
+
+# The three kinds of call of a layer, each the module's forward or the kernel it dispatches to (``kernels``).
+def _norm(kernels: Kernels, norm: Any, x: Any) -> Any:
+    if not kernels.rms_norm:
+        return norm(x)
+    import torch
+
+    x = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty_like(x)
+    torch.ops._C.rms_norm(out, x, norm.weight, norm.variance_epsilon)
+    return out
+
+
+def _linear(kernels: Kernels, linear: Any, x: Any) -> Any:
+    if not kernels.linear:
+        return linear(x)[0]
+    import torch
+
+    return torch.nn.functional.linear(x, linear.weight, linear.bias)
+
+
+def _mlp(kernels: Kernels, mlp: Any, x: Any) -> Any:
+    if not kernels.silu_and_mul:
+        return mlp(x)
+    import torch
+
+    gate_up = _linear(kernels, mlp.gate_up_proj, x)
+    act = torch.empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,), dtype=gate_up.dtype, device=gate_up.device)
+    torch.ops._C.silu_and_mul(act, gate_up)
+    return _linear(kernels, mlp.down_proj, act)
+
+
+def _rel_err(got: Any, want: Any) -> float:
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def _plain_linear(linear: Any) -> bool:
+    """An unquantized, unsharded linear layer whose forward is ``F.linear(x, weight, bias)`` (bias added)."""
+    return (type(getattr(linear, "quant_method", None)).__name__ == "UnquantizedLinearMethod"
+            and not getattr(linear, "skip_bias_add", False) and getattr(linear, "weight", None) is not None
+            and linear.weight.dim() == 2)
+
+
+def choose_kernels(view: VllmModelView, *, rows: int = 16) -> Kernels:
+    """The direct kernels that reproduce layer 0's modules on this worker (see the module docstring). For each
+    kind, the module and the kernel run on the same seeded input in the model's dtype and must agree within
+    :data:`SELF_CHECK_TOL`; a missing op, a quantized or sharded weight, an exception or a mismatch keeps the
+    module call. Start-up only: a handful of ``rows`` through one layer. Sets ``view.kernels`` and returns it."""
+    import torch
+
+    block = view._layers[0]
+    attn, mlp = block.self_attn, block.mlp
+    weight = block.input_layernorm.weight
+    device, dtype = weight.device, weight.dtype
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(rows, int(weight.shape[0]), generator=gen).to(device=device, dtype=dtype)
+    c_ops = getattr(torch.ops, "_C", None)
+    chosen: dict[str, bool] = {}
+
+    def agrees(kind: str, direct: Any, module_call: Any) -> bool:
+        try:
+            err = _rel_err(direct(), module_call())
+        except Exception as exc:  # noqa: BLE001 -- an op this build lacks or rejects: keep the module call
+            logger.info("SemBlend: direct %s kernel unavailable (%s: %s)", kind, type(exc).__name__, exc)
+            return False
+        if not err <= SELF_CHECK_TOL:
+            logger.warning("SemBlend: direct %s kernel differs from the module (relative error %.3g); using the "
+                           "module", kind, err)
+            return False
+        return True
+
+    norms = [block.input_layernorm, block.post_attention_layernorm]
+    if c_ops is not None and hasattr(c_ops, "rms_norm"):
+        direct = Kernels(rms_norm=True)
+        chosen["rms_norm"] = all(agrees("rms_norm", lambda n=n: _norm(direct, n, hidden), lambda n=n: n(hidden))
+                                 for n in norms)
+    linears = [attn.qkv_proj, attn.o_proj] + [getattr(mlp, name, None) for name in ("gate_up_proj", "down_proj")]
+    if all(lin is not None and _plain_linear(lin) for lin in linears):
+        direct = Kernels(linear=True)
+        chosen["linear"] = all(
+            agrees("linear", lambda lin=lin, x=x: _linear(direct, lin, x), lambda lin=lin, x=x: lin(x)[0])
+            for lin, x in ((attn.qkv_proj, hidden), (attn.o_proj, _input_for(attn.o_proj, hidden, gen)),
+                           (linears[2], hidden), (linears[3], _input_for(linears[3], hidden, gen))))
+    if c_ops is not None and hasattr(c_ops, "silu_and_mul") and type(getattr(mlp, "act_fn", None)).__name__ \
+            == "SiluAndMul" and all(lin is not None for lin in linears[2:]):
+        direct = Kernels(linear=chosen.get("linear", False), silu_and_mul=True)
+        chosen["silu_and_mul"] = agrees("silu_and_mul", lambda: _mlp(direct, mlp, hidden), lambda: mlp(hidden))
+    view.kernels = Kernels(**chosen)
+    return view.kernels
+
+
+def _input_for(linear: Any, like: Any, gen: Any) -> Any:
+    """A seeded input of ``linear``'s input width, in ``like``'s dtype and device."""
+    import torch
+
+    return torch.randn(like.shape[0], int(linear.weight.shape[1]), generator=gen).to(like)
 
 
 def rotary_self_check(view: VllmModelView, model: Any) -> float:
@@ -248,8 +364,10 @@ def build_view(model: Any) -> tuple[VllmModelView | None, str]:
         view = VllmModelView(model)
         with torch.inference_mode():
             err = rotary_self_check(view, model)
-        if not err <= SELF_CHECK_TOL:
-            return None, f"self_check_failed:rotary:{err:.3g}"
+            if not err <= SELF_CHECK_TOL:
+                return None, f"self_check_failed:rotary:{err:.3g}"
+            kernels = choose_kernels(view)
+        logger.info("SemBlend: blend executor kernels %s", kernels)
         return view, ""
     except Exception as exc:  # noqa: BLE001 -- an unreadable model is a decline, never a crash
         return None, f"unsupported_layer_structure:{type(exc).__name__}: {exc}"

@@ -379,6 +379,7 @@ class WorkerSide:
         from semblend_core.blended_prefill import assemble_kv, run_blended_prefill
         from semblend_core.plan import Span, verify_donor_tokens
 
+        started = time.perf_counter()
         view = self.blend_view
         if view is None:
             raise RuntimeError(f"blend unavailable: {self.blend_error}")
@@ -417,7 +418,7 @@ class WorkerSide:
             else:
                 entry.wait()
                 donor_kv[donor_id] = entry.kv
-        slot_list = np.asarray(spec.slots(), dtype=np.int64)
+        slot_list = spec.slots()
         # Bounds and distinctness checked here, on the host, so the copies into the cache need no device sync
         # (a sync would hold the forward's launches until the whole executor ran).
         num_slots = (self._storages[0].numel() // self.layout.stride_block) * self.layout.block_size
@@ -438,8 +439,8 @@ class WorkerSide:
             t2 = time.perf_counter()
             self._scratch_rows(k, v, local, slots[local:], to_cache=True)
         # Host times (on CUDA: launch time, the work is queued on the stream): for diagnostics and tests.
-        self.recent_blends.append((spec.req_id, stats, {"assemble_s": t1 - t0, "executor_s": t2 - t1,
-                                                        "write_s": time.perf_counter() - t2}))
+        self.recent_blends.append((spec.req_id, stats, {"prepare_s": t0 - started, "assemble_s": t1 - t0,
+                                                        "executor_s": t2 - t1, "write_s": time.perf_counter() - t2}))
         return int(round(stats.token_layers / max(1, view.num_layers)))
 
     def _scratch_rows(self, k: Any, v: Any, start: int, slots: Any, *, to_cache: bool) -> None:
