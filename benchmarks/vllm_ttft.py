@@ -526,6 +526,9 @@ class HookTimer:
             if ev0 is not None:
                 d["cuda_span_ms"] += ev0.elapsed_time(ev1)
         self.calls = []
+        view = getattr(self.worker_side, "blend_view", None)
+        if view is not None:
+            out["view_kernels"] = repr(getattr(view, "kernels", None))
         recent = getattr(self.worker_side, "recent_blends", None)
         if recent:  # the worker's own record of its latest blends: executor stats and host times
             last = tuple(recent[-1])  # (req_id, BlendStats[, host seconds by step])
@@ -596,6 +599,27 @@ def _profiled(bench: Bench, prompt: list[int]) -> dict[str, Any]:
         return {"profile_error": repr(exc)}
 
 
+def _cprofiled(bench: Bench, prompt: list[int], top: int = 30) -> dict[str, Any]:
+    """One request under cProfile (host time of everything in this process: scheduler, connector hooks,
+    executor, vLLM's forward): the ``top`` functions by own time and by cumulative time, in ms."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    dt, _ = bench.ttft(prompt)
+    prof.disable()
+    st = pstats.Stats(prof)
+
+    def rows(key: int) -> list[list[Any]]:
+        items = sorted(st.stats.items(), key=lambda kv: -kv[1][key])[:top]
+        return [[f"{Path(f).name}:{line}:{name}", calls, round(tt * 1e3, 3), round(ct * 1e3, 3)]
+                for (f, line, name), (_, calls, tt, ct, _) in items]
+
+    return {"wall_ms_cprofiled": dt * 1e3, "columns": ["function", "calls", "own_ms", "cumulative_ms"],
+            "by_own": rows(2), "by_cumulative": rows(3)}
+
+
 def instruction_first(bench: Bench, length: int) -> tuple[list[int], Any]:
     """donor = instruction A (48) + doc + question A (16); target = instruction B (64) + doc + question B (16),
     a fresh instruction and question for every call; ``length`` = target tokens."""
@@ -610,6 +634,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
     import vllm
 
     lengths = [int(x) for x in args.lengths.split(",")]
+    cprofile_lengths = {int(x) for x in args.cprofile_lengths.split(",") if x}
     points = [parse_point(x) for x in args.ratios.split(",")]
     ratios = [point_label(*p) for p in points]
     if args.role == "blend":
@@ -621,7 +646,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
         "engine": args.engine, "role": args.role, "startup_s": bench.startup_s, "vllm": vllm.__version__,
         "torch": torch.__version__, "ratios": ratios if args.role == "blend" else None,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "rows": [],
+        "rows": [], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = Path(args.out)
 
@@ -670,6 +695,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
                 hooks = timer.take()
                 calls = args.repeats + 1  # the series' warm-up call included
                 hit["last_blend"] = hooks.pop("last_blend", None)
+                hit["view_kernels"] = hooks.pop("view_kernels", None)
                 hit["hooks_per_request"] = {k: {"calls": v["calls"] / calls, "host_ms": v["host_ms"] / calls,
                                                 "cuda_span_ms": None if v["cuda_span_ms"] is None
                                                 else v["cuda_span_ms"] / calls} for k, v in hooks.items()}
@@ -683,6 +709,9 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
                 hit["target_tokens"] = len(target(0))
                 if args.profile:
                     hit["profile"] = _profiled(bench, target(0))
+                    timer.take()
+                if length in cprofile_lengths:
+                    hit["cprofile"] = _cprofiled(bench, target(0))
                     timer.take()
                 hit["stats"] = bench.take_stats()
                 row["ratios"][label] = hit
@@ -792,6 +821,7 @@ def run_blend(args: argparse.Namespace) -> int:
     for engine in args.engines.split(","):
         runs = [("cold", None)]
         runs += [("blend", r) for r in args.ratios.split(",")] if args.ratio_per_engine else [("blend", args.ratios)]
+        runs = [r for r in runs if r[0] in args.roles.split(",")]
         for role, ratios in runs:
             tag = f"{engine}_{role}" + (f"_{ratios}" if args.ratio_per_engine and role == "blend" else "")
             part = out / f"part_blend_{tag}.json"
@@ -805,7 +835,8 @@ def run_blend(args: argparse.Namespace) -> int:
                    "--model-dir", str(model_dir), "--lengths", args.lengths, "--repeats", str(args.repeats),
                    "--out", str(part), "--max-model-len", str(args.max_model_len), "--donor-gib", str(args.donor_gib),
                    "--kv-cache-gib", str(args.kv_cache_gib), "--budget-s", str(max(20.0, left - 60)),
-                   "--ratios", ratios or args.ratios, "--hooks", args.hooks]
+                   "--ratios", ratios or args.ratios, "--hooks", args.hooks,
+                   "--cprofile-lengths", args.cprofile_lengths]
             for flag, value in (("--check-layers", args.check_layers), ("--extra-config", args.extra_config)):
                 if value:
                     cmd += [flag, value]
@@ -827,7 +858,12 @@ def run_blend(args: argparse.Namespace) -> int:
                 if args.ratio_per_engine and role == "blend":
                     p["tag"] = f"@{ratios}"
                 parts.append(p)
+    for earlier in args.reuse_parts:  # e.g. the cold engines of an earlier run on the same machine
+        p = json.loads(Path(earlier).read_text())
+        p["reused_from"] = str(earlier)
+        parts.append(p)
     merged = merge_blend(parts)
+    merged["reused_parts"] = {p["reused_from"]: p.get("measured_at", "") for p in parts if "reused_from" in p}
     (out / args.name).write_text(json.dumps(merged, indent=1))
     print_blend_table(merged)
     return 0
@@ -895,6 +931,8 @@ def _add_blend_parsers(sub: Any) -> None:
         p.add_argument("--extra-config", default="", help="JSON merged into kv_connector_extra_config")
         p.add_argument("--hooks", default="start_load_kv", help="worker connector methods to time")
         p.add_argument("--profile", action="store_true", help="one extra request per config under torch.profiler")
+        p.add_argument("--cprofile-lengths", default="", help="prompt lengths with one more request per blend "
+                       "point under cProfile (host time by function)")
         p.add_argument("--tiny", action="store_true", help="tiny Qwen2 config (CPU dry run of the script)")
         p.add_argument("--seed", type=int, default=0)
     w = sub.choices["blend-worker"]
@@ -905,6 +943,8 @@ def _add_blend_parsers(sub: Any) -> None:
     w.add_argument("--keep-plan", action="store_true")
     a = sub.choices["blend"]
     a.add_argument("--engines", default="eager,compiled")
+    a.add_argument("--roles", default="cold,blend", help="engines to run (cold, blend)")
+    a.add_argument("--reuse-parts", nargs="*", default=[], help="part JSONs of an earlier run to merge in")
     a.add_argument("--ratio-per-engine", action="store_true", help="one blend engine per ratio")
     a.add_argument("--total-budget-s", type=float, default=420.0)
     a.add_argument("--name", default="vllm_blend_ttft_h200.json")
@@ -933,6 +973,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--budget-s", type=float, default=1e9)
     a = sub.choices["all"]
     a.add_argument("--engines", default="eager,compiled")
+    a.add_argument("--roles", default="cold,blend", help="engines to run (cold, blend)")
+    a.add_argument("--reuse-parts", nargs="*", default=[], help="part JSONs of an earlier run to merge in")
     a.add_argument("--total-budget-s", type=float, default=540.0)
     a.add_argument("--name", default="vllm_ttft_h200.json")
     m = sub.add_parser("merge")

@@ -62,7 +62,7 @@ import numpy as np
 
 from semblend_core.plan import SemanticKvPlan
 
-__all__ = ["BlendModelView", "BlendStats", "assemble_kv", "run_blended_prefill"]
+__all__ = ["BlendModelView", "BlendStats", "assemble_kv", "run_blended_prefill", "to_device"]
 
 
 class BlendModelView(ABC):
@@ -202,11 +202,23 @@ def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any,
                              f"match {tuple(first.shape)} {first.dtype} on {device}")
         delta = np.concatenate(deltas)
         rerotate_scatter(KvCacheView.from_donor_store(entry), dst,
-                         torch.as_tensor(np.concatenate(src_slots), device=device),
-                         torch.as_tensor(np.concatenate(dst_slots), device=device),
-                         torch.as_tensor(delta, device=device) if delta.any() else 0, spec,
+                         to_device(np.concatenate(src_slots), device), to_device(np.concatenate(dst_slots), device),
+                         to_device(delta, device) if delta.any() else 0, spec,
                          validate_indices=False)
     return k_store.transpose(1, 2), v_store.transpose(1, 2)
+
+
+def to_device(array: np.ndarray, device: Any) -> Any:
+    """An integer numpy array as a tensor on ``device`` without stalling the host: on CUDA through pinned memory
+    with a non-blocking copy. (A copy from pageable memory first waits for every kernel queued before it, so each
+    index upload in the layer loop used to stop the host from running ahead of the GPU.) Elsewhere the tensor
+    shares the array's memory."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _nested_counts(plan: SemanticKvPlan, num_layers: int, candidates: int, check_layer: int) -> list[int]:
@@ -351,7 +363,7 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
         active = np.union1d(mandatory, np.flatnonzero(sel_depth > 0))
     if active.size == 0:  # logits=False only: every row below reuse_len is reused as it is
         return BlendStats(reuse_len, (0,) * num_layers, False, 0, probe_cost, fixed_prefix), None
-    pos_t = torch.as_tensor(active, device=device)
+    pos_t = to_device(active, device)
     hidden = view.embed(ids[pos_t])  # [n, hidden]: 2-D end to end, so every projection is one mm
     cos, sin = view.rotary(pos_t)  # recomputed only when the active set changes
     active_counts: list[int] = []
@@ -359,15 +371,16 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
     # start at fixed_prefix and SDPA's square causal mask would not fit.
     full_rows = check and fixed_prefix == 0
 
+    validate = True  # the kernels check their arguments once per geometry: every layer repeats the first's
     for layer_idx in range(num_layers):
         q, kk, vv = view.qkv(layer_idx, hidden)
         if layer_idx == check_layer:
             cand = np.flatnonzero(candidates_mask)
-            cand_t = torch.as_tensor(cand, device=device)
+            cand_t = to_device(cand, device)
             # Indexing copies: the reused rows survive the store below, which overwrites them with fresh K/V.
             reused_k, reused_v = k[layer_idx, cand_t], v[layer_idx, cand_t]
         # One call: RoPE on q and k, fresh k/v written into this layer's cache rows.
-        q = rope_store(q, kk, vv, cos, sin, pos_t, k[layer_idx], v[layer_idx])
+        q = rope_store(q, kk, vv, cos, sin, pos_t, k[layer_idx], v[layer_idx], validate=validate)
         if layer_idx == check_layer:
             # CacheBlend: tokens whose fresh K/V differ most from the reused K/V carry the cross-context error.
             score = deviation_scores(k[layer_idx, cand_t], reused_k, v[layer_idx, cand_t], reused_v)
@@ -391,10 +404,11 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
             break  # deeper layers keep the reused KV everywhere
         changed = next_active.size != active.size
         if changed:
-            rows = torch.as_tensor(np.searchsorted(active, next_active), device=device)
+            rows = to_device(np.searchsorted(active, next_active), device)
             q, hidden = q[rows], hidden[rows]
-            pos_t = torch.as_tensor(next_active, device=device)
+            pos_t = to_device(next_active, device)
             full_rows = False
+            validate = True
         scale = view.attention_scale(layer_idx)
         if full_rows:
             # Every position is a query: plain causal SDPA (flash attention on CUDA). K/V are expanded to the
@@ -407,7 +421,9 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
                 scale=scale,
             )[0].transpose(0, 1)
         else:
-            out = partial_attention(q, k[layer_idx], v[layer_idx], pos_t, scale=scale, check_positions=False)
+            out = partial_attention(q, k[layer_idx], v[layer_idx], pos_t, scale=scale, check_positions=False,
+                                    validate=validate)
+            validate = changed  # the next layer's rope_store sees new shapes only if the set changed here
         hidden = view.finish_layer(layer_idx, out.reshape(out.shape[0], -1), hidden)
         active = next_active
         if changed and layer_idx < num_layers - 1:
@@ -460,7 +476,7 @@ def _query_probe(view: BlendModelView, ids: Any, k: Any, v: Any, active: np.ndar
     from semblend_core.rope_store import rope_store
 
     device = k.device
-    pos_t = torch.as_tensor(active, device=device)
+    pos_t = to_device(active, device)
     hidden = view.embed(ids[pos_t])
     cos, sin = view.rotary(pos_t)
     m = min(int(query_tokens), int(active.size))

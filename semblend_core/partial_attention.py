@@ -229,7 +229,8 @@ def _launch(q, k, v, q_positions, scale: float, out=None, blocks: tuple[int, int
     return out
 
 
-def partial_attention(q, k, v, q_positions, *, scale: float | None = None, out=None, check_positions: bool = True):
+def partial_attention(q, k, v, q_positions, *, scale: float | None = None, out=None, check_positions: bool = True,
+                      validate: bool = True):
     """Causal attention for a subset of query positions over the full KV.
 
     Args:
@@ -242,6 +243,9 @@ def partial_attention(q, k, v, q_positions, *, scale: float | None = None, out=N
             in place and returned.
         check_positions: verify the position range (one device sync on CUDA). Pass False only when the caller
             guarantees it; out-of-range positions then read past ``kv_len``.
+        validate: check the arguments (shapes, dtypes, devices, scale, ``out``). False skips every check (and
+            ``check_positions``), for a caller that already validated tensors of this geometry (the blended-prefill
+            executor, once per run).
 
     Returns:
         ``[num_q, num_heads, head_dim]`` in q's dtype (``out`` when given, else a new contiguous tensor). An empty
@@ -250,6 +254,14 @@ def partial_attention(q, k, v, q_positions, *, scale: float | None = None, out=N
     Raises:
         TypeError / ValueError naming the offending argument. Pure; safe to call once per layer per step.
     """
+    if not validate:
+        num_q = int(q.shape[0])
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if num_q == 0:
+            return q.new_empty(q.shape) if out is None else out
+        if kernel_available(q.device):
+            return _launch(q, k, v, q_positions, scale, out=out)
+        return _reference_into(q, k, v, q_positions, scale, out)
     num_q, _, _, _, scale = _validate(q, k, v, q_positions, scale, check_positions)
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
                             or out.device != q.device or (out.numel() and out.stride(-1) != 1)):
@@ -261,6 +273,10 @@ def partial_attention(q, k, v, q_positions, *, scale: float | None = None, out=N
         return q.new_empty(q.shape) if out is None else out
     if kernel_available(q.device):
         return _launch(q, k, v, q_positions, scale, out=out)
+    return _reference_into(q, k, v, q_positions, scale, out)
+
+
+def _reference_into(q, k, v, q_positions, scale: float, out):
     result = partial_attention_reference(q, k, v, q_positions, scale=scale)
     if out is None:
         return result

@@ -344,3 +344,27 @@ def test_kernel_cuda_split_heuristic(kv_len, positions):
     case = {"seed": 3000 + kv_len, "dtype": "bfloat16", "num_q": num_q, "heads": heads, "kv_heads": kv_heads,
             "head_dim": head_dim, "kv_len": kv_len, "positions": positions, "layout": "contiguous"}
     check(case, run_case(case, device="cuda"))
+
+
+def test_unvalidated_call_equals_validated_and_skips_the_checks(monkeypatch):
+    """``validate=False`` (the executor's per-layer calls after its first) computes the same result, and where the
+    kernel runs it goes straight to the launch without the argument checks (the CPU twin checks on its own)."""
+    import semblend_core.partial_attention as pa
+
+    case = {"seed": 9, "dtype": "float32", "num_q": 5, "heads": 4, "kv_heads": 2, "head_dim": 16, "kv_len": 20,
+            "positions": "unsorted", "layout": "strided"}
+    q, k, v, pos = make_inputs(case)
+    torch.testing.assert_close(partial_attention(q, k, v, pos, scale=0.25, validate=False),
+                               partial_attention(q, k, v, pos, scale=0.25), rtol=0, atol=0)
+
+    def refuse(*a, **kw):
+        raise AssertionError("validated")
+
+    launched = []
+    monkeypatch.setattr(pa, "_validate", refuse)
+    monkeypatch.setattr(pa, "kernel_available", lambda device: True)
+    monkeypatch.setattr(pa, "_launch", lambda *a, **kw: launched.append(a) or "launched")
+    assert partial_attention(q, k, v, pos, validate=False) == "launched"
+    assert launched[0][4] == pytest.approx(16 ** -0.5)  # the default scale, computed without the checks
+    with pytest.raises(AssertionError, match="validated"):
+        partial_attention(q, k, v, pos)

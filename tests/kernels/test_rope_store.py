@@ -290,3 +290,25 @@ def test_kernel_cuda(case):
     pytest.importorskip("triton")
     assert kernel_available("cuda")
     check(case, run_case(case, device="cuda"))
+
+
+def test_unvalidated_call_equals_validated_and_skips_the_checks(monkeypatch):
+    """``validate=False`` (the executor's per-layer calls after its first) has the same effects and result, and
+    where the kernel runs it goes straight to the launch without the argument checks (the twin checks on its own)."""
+    import semblend_core.rope_store as rs
+
+    case = {"seed": 4, "dtype": "float32", "n": 5, "hq": 4, "hkv": 2, "d": 16, "kv_len": 9}
+    x, y = make_inputs(case), make_inputs(case)
+    out, want = rope_store(*x.values(), validate=False), rope_store(*y.values())
+    assert torch.equal(out, want) and torch.equal(x["k_cache"], y["k_cache"]) and torch.equal(x["v_cache"],
+                                                                                                y["v_cache"])
+
+    def refuse(*a, **kw):
+        raise AssertionError("validated")
+
+    monkeypatch.setattr(rs, "_validate", refuse)
+    monkeypatch.setattr(rs, "kernel_available", lambda device: True)
+    monkeypatch.setattr(rs, "_launch", lambda *a, **kw: "launched")
+    assert rope_store(*make_inputs(case).values(), validate=False) == "launched"
+    with pytest.raises(AssertionError, match="validated"):
+        rope_store(*make_inputs(case).values())

@@ -1,7 +1,8 @@
 """What the scheduler side tells the worker side each step, and what the workers report back.
 
-Plain frozen dataclasses of ints, strings and tuples: vLLM pickles them from the scheduler process to every worker
-and back. ``connector_v1`` wraps them in vLLM's ``KVConnectorMetadata`` / ``KVConnectorWorkerMetadata`` classes.
+Plain frozen dataclasses of ints, strings and tuples (one exception: :attr:`BlendSpec.token_ids` is an int64 array,
+because turning a 32K-token prompt into a tuple and back cost ~6 ms of the hit's critical path): vLLM pickles them
+from the scheduler process to every worker and back. ``connector_v1`` wraps them in vLLM's ``KVConnectorMetadata`` / ``KVConnectorWorkerMetadata`` classes.
 
 Token slots: target token ``t`` of a request lives in slot ``block_ids[t // block_size - first_block] *
 block_size + t % block_size`` where ``first_block = target_start // block_size``; :meth:`LoadSpec.slots` and
@@ -64,7 +65,8 @@ class BlendSpec:
       ``[local_tokens, SINK_TOKENS)`` whenever they are not context-exact (see ``_scheduler``). Only spans
       below ``num_tokens`` are read, each from its own donor entry (``plan.donor_of(span)``), re-rotated by its
       ``delta``. ``plan.recompute_budget`` is the ``recompute_ratio``.
-    * ``token_ids``: the prompt's first ``num_tokens`` tokens (the executor embeds the recomputed ones).
+    * ``token_ids``: the prompt's first ``num_tokens`` tokens, a read-only int64 array (the executor embeds the
+      recomputed ones; left out of ``==`` and ``hash``).
     * ``block_ids``: the request's blocks covering ``[0, num_tokens)`` from block 0; ``local_tokens`` (a multiple of
       ``block_size``) is vLLM's own exact prefix-cache hit: the executor's ``fixed_prefix`` -- its KV is final,
       never written, never recomputed, attended to as it is.
@@ -80,7 +82,7 @@ class BlendSpec:
     req_id: str
     namespace_key: str
     plan: Any
-    token_ids: tuple[int, ...]
+    token_ids: np.ndarray = field(compare=False)
     num_tokens: int
     block_ids: tuple[int, ...]
     block_size: int

@@ -508,7 +508,7 @@ class SchedulerSide:
         n = d.num_local + num_external_tokens
         spec = BlendSpec(
             req_id=st.req_id, namespace_key=st.namespace.key, plan=d.blend_plan,
-            token_ids=tuple(np.asarray(st.prompt[:n]).tolist()), num_tokens=n,
+            token_ids=_frozen(st.prompt[:n]), num_tokens=n,
             block_ids=tuple(st.block_ids[: -(-n // bs)]), block_size=bs, local_tokens=d.num_local,
             check_layer=self.adapter.check_layer, selection=self.adapter.selection,
         )
@@ -810,6 +810,13 @@ class SchedulerSide:
     # ------------------------------------------------------------------ introspection
     def resident_donors(self) -> int:
         return sum(1 for r in self._resident.values() if r.votes >= self.num_workers)
+
+
+def _frozen(tokens: np.ndarray) -> np.ndarray:
+    """A read-only int64 copy (the request's own array lives on and may be replaced; the spec must not change)."""
+    out = np.array(tokens, dtype=np.int64)
+    out.setflags(write=False)
+    return out
 
 
 def _spans_in(plan: SemanticKvPlan, lo: int, hi: int) -> list[Any]:

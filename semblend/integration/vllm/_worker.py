@@ -376,7 +376,7 @@ class WorkerSide:
         executor's token-layers over the layer count, rounded (mean tokens computed fresh per layer)."""
         import torch
 
-        from semblend_core.blended_prefill import assemble_kv, run_blended_prefill
+        from semblend_core.blended_prefill import assemble_kv, run_blended_prefill, to_device
         from semblend_core.plan import Span, verify_donor_tokens
 
         started = time.perf_counter()
@@ -418,20 +418,24 @@ class WorkerSide:
             else:
                 entry.wait()
                 donor_kv[donor_id] = entry.kv
-        slot_list = spec.slots()
         # Bounds and distinctness checked here, on the host, so the copies into the cache need no device sync
-        # (a sync would hold the forward's launches until the whole executor ran).
+        # (a sync would hold the forward's launches until the whole executor ran). On the blocks: a slot is
+        # block * block_size + offset with offset < block_size, so distinct blocks in range give distinct slots in
+        # range (a set of n / block_size ints instead of sorting n slots: ~20x cheaper at 32K tokens). The
+        # scheduler's block may hold several kernel blocks; slots count kernel-block rows either way.
         num_slots = (self._storages[0].numel() // self.layout.stride_block) * self.layout.block_size
-        if slot_list.min() < 0 or slot_list.max() >= num_slots or np.unique(slot_list).size != n:
-            raise ValueError(f"blend slots outside the cache ({num_slots} slots) or repeated")
-        slots = torch.as_tensor(slot_list, device=self._device)
+        used = spec.block_ids[: -(-n // spec.block_size)]
+        if min(used) < 0 or (max(used) + 1) * spec.block_size > num_slots or len(set(used)) != len(used):
+            raise ValueError(f"blend blocks outside the cache ({num_slots} slots) or repeated")
+        slot_list = spec.slots()
+        slots = to_device(slot_list, self._device)
         rope = self.rope if self.rope is not None else self._copy_rope
         with torch.inference_mode():
             t0 = time.perf_counter()
             k, v = assemble_kv(plan, donor_kv, n, rope, total_len=n)
             if local:
                 self._scratch_rows(k, v, 0, slots[:local], to_cache=False)
-            ids = torch.as_tensor(target, device=self._device)
+            ids = to_device(target, self._device)
             t1 = time.perf_counter()
             stats, _ = run_blended_prefill(view, ids, k, v, plan, reuse_len=n, logits=False, fixed_prefix=local,
                                            check_layer=spec.check_layer,

@@ -253,7 +253,7 @@ def test_blend_credits_to_the_end_of_the_reusable_region_across_donors():
     assert plan.loads == () and len(plan.blends) == 1
     (b,) = plan.blends
     assert (b.num_tokens, b.local_tokens, b.num_blended, b.check_layer, b.selection) == (512, 0, 512, 1, None)
-    assert b.token_ids == tuple(target[:512]) and b.block_ids == tuple(range(32))
+    assert b.token_ids.tolist() == list(target[:512]) and b.block_ids == tuple(range(32))
     assert b.plan.donor_ids == ("d1", "d2")
     assert [(sp.donor_id, sp.donor_start, sp.target_start, sp.length) for sp in b.plan.spans] == [
         ("d1", 64, 32, 320), ("d2", 64, 352, 160)]
