@@ -175,6 +175,13 @@ class VllmModelView(BlendModelView):
         self._qk_norm = [_has_qk_norm(layer.self_attn) for layer in self._layers]
         self._rotary = attn0.rotary_emb  # one table: every layer's rotary is built from the same config
         self.kernels = Kernels()  # module calls until choose_kernels() has checked the direct ones
+        # The modules each call needs, looked up once: nn.Module attribute access is ~1 us each, 25 per layer.
+        self._parts = [_LayerParts(
+            input_norm=layer.input_layernorm, qkv_proj=layer.self_attn.qkv_proj, o_proj=layer.self_attn.o_proj,
+            post_norm=layer.post_attention_layernorm, mlp=layer.mlp,
+            q_norm=layer.self_attn.q_norm if qk else None, k_norm=layer.self_attn.k_norm if qk else None,
+            split=(int(layer.self_attn.q_size), int(layer.self_attn.kv_size), int(layer.self_attn.kv_size)),
+            scaling=float(layer.self_attn.scaling)) for layer, qk in zip(self._layers, self._qk_norm)]
 
     def embed(self, token_ids: Any) -> Any:
         return self._decoder.embed_tokens(token_ids)
@@ -189,25 +196,39 @@ class VllmModelView(BlendModelView):
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
     def qkv(self, layer: int, hidden: Any) -> tuple[Any, Any, Any]:
-        block = self._layers[layer]
-        attn = block.self_attn
-        out = _linear(self.kernels, attn.qkv_proj, _norm(self.kernels, block.input_layernorm, hidden))
-        q, k, v = out.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        part = self._parts[layer]
+        out = _linear(self.kernels, part.qkv_proj, _norm(self.kernels, part.input_norm, hidden))
+        q, k, v = out.split(part.split, dim=-1)
         n = out.shape[0]
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        if self._qk_norm[layer]:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if part.q_norm is not None:
+            q, k = part.q_norm(q), part.k_norm(k)
         return q, k, v
 
     def attention_scale(self, layer: int) -> float:
-        return float(self._layers[layer].self_attn.scaling)
+        return self._parts[layer].scaling
 
     def finish_layer(self, layer: int, attn_out: Any, residual: Any) -> Any:
-        block = self._layers[layer]
-        hidden = residual + _linear(self.kernels, block.self_attn.o_proj, attn_out)
-        return hidden + _mlp(self.kernels, block.mlp, _norm(self.kernels, block.post_attention_layernorm, hidden))
+        part = self._parts[layer]
+        hidden = residual + _linear(self.kernels, part.o_proj, attn_out)
+        return hidden + _mlp(self.kernels, part.mlp, _norm(self.kernels, part.post_norm, hidden))
+
+
+@dataclass(frozen=True)
+class _LayerParts:
+    """One decoder layer's modules as :class:`VllmModelView` calls them (``q_norm``/``k_norm``: None without)."""
+
+    input_norm: Any
+    qkv_proj: Any
+    o_proj: Any
+    post_norm: Any
+    mlp: Any
+    q_norm: Any
+    k_norm: Any
+    split: tuple[int, int, int]
+    scaling: float
 
 
 SELF_CHECK_TOL = 1e-2  # relative error of a self-check in the model's dtype (bf16 rounding is ~4e-3)
@@ -230,7 +251,8 @@ def _norm(kernels: Kernels, norm: Any, x: Any) -> Any:
 
     x = x if x.is_contiguous() else x.contiguous()
     out = torch.empty_like(x)
-    torch.ops._C.rms_norm(out, x, norm.weight, norm.variance_epsilon)
+    # .data: vLLM's parameter classes override __torch_function__, ~30 us of Python per op they are passed to
+    torch.ops._C.rms_norm(out, x, norm.weight.data, norm.variance_epsilon)
     return out
 
 
@@ -239,7 +261,8 @@ def _linear(kernels: Kernels, linear: Any, x: Any) -> Any:
         return linear(x)[0]
     import torch
 
-    return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    bias = linear.bias
+    return torch.nn.functional.linear(x, linear.weight.data, None if bias is None else bias.data)
 
 
 def _mlp(kernels: Kernels, mlp: Any, x: Any) -> Any:

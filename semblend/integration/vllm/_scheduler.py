@@ -577,13 +577,21 @@ class SchedulerSide:
         if st.tainted_from_block is not None and st.tainted_from_block <= k:
             return  # already unique from an earlier admission (preempted and resumed)
         hashes = request.block_hashes
-        salt = hashlib.sha256(self._secret + st.req_id.encode()).digest()
-        prev = salt
-        for i in range(k, len(hashes)):
+        # Each hash from block k on is XORed with a pad only this scheduler knows (its random secret, the request
+        # id): no other request's honest or tainted hash can equal it except by a 2^-(8 * len) accident, and blocks
+        # vLLM hashes later chain on a tainted parent. One int XOR per block (a chained sha256 per block cost ~2 ms
+        # of the hit's critical path at 8K tokens). Blocks tainted before are left alone: a second XOR undoes one.
+        end = len(hashes) if st.tainted_from_block is None else min(st.tainted_from_block, len(hashes))
+        pads: dict[int, int] = {}
+        for i in range(k, end):
             old = hashes[i]
-            new = hashlib.sha256(b"semblend-approximate-kv" + prev + bytes(old)).digest()
-            hashes[i] = type(old)(new[: len(old)]) if isinstance(old, (bytes, bytearray)) else new
-            prev = new
+            raw = bytes(old)
+            size = len(raw)
+            if size not in pads:
+                pads[size] = int.from_bytes(hashlib.shake_256(b"semblend-approximate-kv" + self._secret
+                                                              + st.req_id.encode()).digest(size), "big") | 1
+            new = (int.from_bytes(raw, "big") ^ pads[size]).to_bytes(size, "big")
+            hashes[i] = type(old)(new) if isinstance(old, (bytes, bytearray)) else new
         st.tainted_from_block = k
 
     # ------------------------------------------------------------------ build_connector_meta
