@@ -881,6 +881,8 @@ def plot_blend(path: Path) -> Path:
     fig, axes = plt.subplots(1, len(engines), figsize=(6.8 * len(engines), 5.0), squeeze=False)
     colors = {"0": "tab:green", "0.05": "tab:blue", "0.15": "tab:orange", "0.3": "tab:red"}
     spare = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"] * 4)
+    for key in sorted({k for e in engines for r in data["engines"][e]["rows"] for k in r.get("ratios", {})}):
+        colors.setdefault(key, next(spare))  # one color per point in every panel
     for ax, engine in zip(axes[0], engines):
         rows = data["engines"][engine]["rows"]
         xs = [r["prompt_tokens"] for r in rows]
@@ -893,7 +895,7 @@ def plot_blend(path: Path) -> Path:
              ls=":")
         ratios = sorted({k for r in rows for k in r.get("ratios", {})}, key=lambda k: (parse_point(k)[0], k))
         for ratio in ratios:
-            c = colors.get(ratio) or next(spare)
+            c = colors[ratio]
             line(lambda r, k=ratio: r.get("ratios", {}).get(k, {}).get("median_ms"), f"blend r={ratio} wall", color=c)
             line(lambda r, k=ratio: (r.get("ratios", {}).get(k, {}).get("profile") or {}).get("gpu_busy_ms"),
                  f"blend r={ratio} GPU-busy", color=c, ls=":")
