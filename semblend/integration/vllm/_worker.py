@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from semblend.integration.vllm._layout import BlockLayout, layer_storage
 from semblend.integration.vllm._metadata import (
     BlendSpec,
     KvSignature,
@@ -59,7 +60,6 @@ from semblend.integration.vllm._metadata import (
     StepPlan,
     WorkerReport,
 )
-from semblend.integration.vllm._layout import BlockLayout, layer_storage
 from semblend_core.kv_layout import HF_CONTIGUOUS, KvCacheView
 from semblend_core.rope_correction import RopeSpec
 
