@@ -2,7 +2,8 @@
 
 Plain frozen dataclasses of ints, strings and tuples (one exception: :attr:`BlendSpec.token_ids` is an int64 array,
 because turning a 32K-token prompt into a tuple and back cost ~6 ms of the hit's critical path): vLLM pickles them
-from the scheduler process to every worker and back. ``connector_v1`` wraps them in vLLM's ``KVConnectorMetadata`` / ``KVConnectorWorkerMetadata`` classes.
+from the scheduler process to every worker and back. ``connector_v1`` wraps them in vLLM's ``KVConnectorMetadata``
+/ ``KVConnectorWorkerMetadata`` classes.
 
 Token slots: target token ``t`` of a request lives in slot ``block_ids[t // block_size - first_block] *
 block_size + t % block_size`` where ``first_block = target_start // block_size``; :meth:`LoadSpec.slots` and
