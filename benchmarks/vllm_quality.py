@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules next to this script
-from _vllm_blend import parse_point, point_label, record_plans, set_ratio
+from _vllm_blend import KEEP, parse_point, point_label, record_plans, set_ratio
 
 SYSTEM_BLOCK = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                 "<|im_end|>\n")
@@ -557,9 +557,16 @@ def run_blend_transformers(args: argparse.Namespace) -> dict[str, Any]:
         items = [it for it in items if counts.setdefault(it["layout"], 0) < args.per_layout
                  and not counts.__setitem__(it["layout"], counts[it["layout"]] + 1)]
     model, tok = load_smollm2()
-    ratios = [float(x) for x in args.ratios.split(",")]
+    from semblend_core.recompute import SelectionStrategy
+
+    points = [parse_point(x) for x in args.ratios.split(",")]  # "ratio[:selection]", as for the vLLM engine
     check = None if args.hf_check_layer < 0 else args.hf_check_layer
     options = EngineOptions(check_layer=check)
+
+    def options_for(selection: Any) -> EngineOptions:
+        if selection is KEEP or selection is None:
+            return options
+        return dataclasses.replace(options, selection=SelectionStrategy(name=selection))
     t0 = time.perf_counter()
     result: dict[str, Any] = {"role": "transformers", "device": "cpu", "dtype": "float32", "threads": args.threads,
                               "engine_options": {"check_layer": check, "suffix_tokens": options.suffix_tokens},
@@ -579,20 +586,20 @@ def run_blend_transformers(args: argparse.Namespace) -> dict[str, Any]:
         cold_answer = answer(base, cold)
         cold_tf = teacher_forced_logits(model, base.fork(cold), cold_answer).argmax(-1).tolist()
         result["cold_rows"].append({"id": item["id"], "greedy": cold_answer, "tf_top1": cold_tf})
-        for ratio in ratios:
-            eng = SemBlendEngine(model, tok, SemBlendConfig(recompute_budget=ratio), options)
+        for ratio, selection in points:
+            eng = SemBlendEngine(model, tok, SemBlendConfig(recompute_budget=ratio), options_for(selection))
             for d in item["donors"]:
                 eng.prefill(d, register=True)
             pre = eng.prefill(item["target"], register=False)
             greedy = answer(eng, pre)
             tf = teacher_forced_logits(model, eng.fork(pre), cold_answer).argmax(-1).tolist()
             loaded = int(pre.plan.reused_tokens) if pre.outcome == "materialized" and pre.plan else 0
-            result["rows"].append({"id": item["id"], "layout": item["layout"], "ratio": ratio, "greedy": greedy,
-                                   "tf_top1": tf, "outcome": pre.outcome, "reason": pre.reason,
+            result["rows"].append({"id": item["id"], "layout": item["layout"], "ratio": ratio,
+                                   "point": point_label(ratio, selection), "greedy": greedy, "tf_top1": tf, "outcome": pre.outcome, "reason": pre.reason,
                                    "cached_tokens": loaded, "target_tokens": len(item["target"]),
                                    "recomputed_fraction": pre.recomputed_fraction})
         Path(args.out).write_text(json.dumps(result))
-        print(item["id"], [(r["ratio"], r["outcome"]) for r in result["rows"][-len(ratios):]], flush=True)
+        print(item["id"], [(r["point"], r["outcome"]) for r in result["rows"][-len(points):]], flush=True)
     result["wall_s"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(result))
     return result
@@ -653,6 +660,11 @@ def _blend_metrics(rows: list[dict[str, Any]], ref: dict[str, dict[str, Any]], t
     return out
 
 
+def _point_of(row: dict[str, Any]) -> str | None:
+    """A row's operating point label (``"0.05"``, ``"0.05:position"``); older files have only the ratio."""
+    return row.get("point") or (None if row["ratio"] is None else f"{row['ratio']:g}")
+
+
 def summarize_blend(prompts: dict[str, Any], cold: dict[str, Any], engines: list[dict[str, Any]],
                     transformers_result: dict[str, Any] | None) -> dict[str, Any]:
     """Per layout: cold self-consistency, then ``prefix`` and ``blend@ratio`` (vLLM) and ``transformers@ratio``
@@ -679,25 +691,23 @@ def summarize_blend(prompts: dict[str, Any], cold: dict[str, Any], engines: list
         lay["cold_self_consistency_tf_top1"] = _mean([_mean([int(a == b) for a, b in zip(r["tf_top1"],
                                                                                         r["greedy"])]) for r in crow])
         for e in engines:
-            def point(r: dict[str, Any]) -> str | None:  # older files have no "point": the ratio alone
-                return r.get("point") or (None if r["ratio"] is None else f"{r['ratio']:g}")
-
-            for label in sorted({point(r) for r in e["rows"]},
+            for label in sorted({_point_of(r) for r in e["rows"]},
                                 key=lambda x: (-1.0, "") if x is None else (parse_point(x)[0], x)):
-                rows = [r for r in e["rows"] if r["layout"] == layout and point(r) == label]
+                rows = [r for r in e["rows"] if r["layout"] == layout and _point_of(r) == label]
                 if rows:
                     key = e["role"] if label is None else f"{e['role']}@{label}"
                     lay[key] = _blend_metrics(rows, ref, text_rouge)
         if transformers_result is not None:
             href = {r["id"]: r for r in transformers_result["cold_rows"]}
             same = {r["id"] for r in crow}  # the items vLLM ran; the transformers run may have more
-            for ratio in sorted({r["ratio"] for r in transformers_result["rows"]}):
-                rows = [r for r in transformers_result["rows"] if r["layout"] == layout and r["ratio"] == ratio]
+            for label in sorted({_point_of(r) for r in transformers_result["rows"]},
+                                key=lambda x: (parse_point(x)[0], x)):
+                rows = [r for r in transformers_result["rows"] if r["layout"] == layout and _point_of(r) == label]
                 shared = [r for r in rows if r["id"] in same]
                 if shared:
-                    lay[f"transformers@{ratio:g}"] = _blend_metrics(shared, href, text_rouge)
+                    lay[f"transformers@{label}"] = _blend_metrics(shared, href, text_rouge)
                 if len(rows) > len(shared):
-                    lay[f"transformers_all_items@{ratio:g}"] = _blend_metrics(rows, href, text_rouge)
+                    lay[f"transformers_all_items@{label}"] = _blend_metrics(rows, href, text_rouge)
             crows = [r for r in crow if r["id"] in href]
             if crows:  # how close the two engines' cold runs are (float32 both on the CPU; bf16 vLLM on a GPU)
                 lay["transformers_cold_vs_vllm_cold_greedy_position_agreement"] = _mean([
