@@ -144,6 +144,32 @@ def read_layer_kv(slots: Sequence[int], layer: int = 0) -> tuple[Any, Any]:
             storage[side.layout.element_index(idx, "v")].clone())
 
 
+def full_recompute_errors(llm: Any, prompt: Sequence[int], slots: Sequence[int]) -> list[tuple[float, float]]:
+    """Blend mode: the shared executor recomputing every position of ``prompt`` through the worker's
+    ``VllmModelView`` vs the K/V vLLM's own prefill wrote for it at cache ``slots``: relative error of (K, V) per
+    layer (the executor writes into a zeroed scratch, never into the cache)."""
+    import torch
+
+    from semblend_core.blended_prefill import run_blended_prefill
+    from semblend_core.plan import SemanticKvPlan
+
+    side = worker_connector().worker_side
+    view = side.blend_view
+    assert view is not None, side.blend_error
+    n = len(prompt)
+    k = torch.zeros(view.num_layers, n, view.num_kv_heads, view.head_dim)
+    v = torch.zeros_like(k)
+    ns = scheduler_connector(llm).scheduler_side.base_namespace
+    plan = SemanticKvPlan(False, "view_check", n, ns, recompute_ranges=((0, n),))
+    with torch.inference_mode():
+        run_blended_prefill(view, torch.tensor(list(prompt)), k, v, plan, reuse_len=n, logits=False)
+    errs = []
+    for layer in range(view.num_layers):
+        ck, cv = read_layer_kv(slots, layer)
+        errs.append((rel_err(k[layer], ck), rel_err(v[layer], cv)))
+    return errs
+
+
 def fresh_layer0_kv(llm: Any, tokens: Sequence[int], positions: Sequence[int]) -> tuple[Any, Any]:
     """Layer-0 K (RoPE at ``positions``) and V of ``tokens`` computed from vLLM's own model modules: layer 0's
     attention input depends only on the token, so this is what any prefill writes for them."""

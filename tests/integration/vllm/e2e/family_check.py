@@ -11,6 +11,7 @@ wrote (all layers, fp32). It then sends one instruction-before-document hit and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BLOCK_SIZE = 32  # the CPU attention backend needs a multiple of 32
 COMMON = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048, "max_position_embeddings": 2048,
           "rms_norm_eps": 1e-6, "hidden_act": "silu", "torch_dtype": "float32", "tie_word_embeddings": False,
@@ -36,16 +36,14 @@ CONFIGS = {
 
 def main(family: str, out: Path) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    sys.path.insert(0, str(HERE))  # recording_connector is imported by vLLM's connector factory
+    sys.path.insert(0, str(HERE))  # the suite's helpers, and recording_connector for vLLM's connector factory
     import torch
+    from conftest import BLOCK_SIZE, full_recompute_errors, read_layer_kv, rel_err, worker_connector
     from recording_connector import RecordingConnector
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     import semblend.integration.vllm
-    from semblend_core.blended_prefill import run_blended_prefill
-    from semblend_core.plan import SemanticKvPlan
 
     folder = Path(tempfile.mkdtemp(prefix=f"semblend-{family}-"))
     (folder / "config.json").write_text(json.dumps({**COMMON, **CONFIGS[family]}))
@@ -60,7 +58,7 @@ def main(family: str, out: Path) -> None:
               enforce_eager=True, kv_transfer_config=kvt, max_num_seqs=2, seed=0,
               kv_cache_memory_bytes=64 * BLOCK_SIZE * per_token)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    side = get_kv_transfer_group().worker_side
+    side = worker_connector().worker_side
     view = side.blend_view
     report: dict = {"family": family, "blend_error": side.blend_error, "model_class": None, "layer_class": None}
     if view is not None:
@@ -74,24 +72,10 @@ def main(family: str, out: Path) -> None:
     llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     (save,) = [s for s in RecordingConnector.saves if s.num_tokens == len(prompt)]
     if view is not None:
-        n = len(prompt)
-        k = torch.zeros(view.num_layers, n, view.num_kv_heads, view.head_dim)
-        v = torch.zeros_like(k)
-        ns = llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().scheduler_side.base_namespace
-        plan = SemanticKvPlan(False, "view_check", n, ns, recompute_ranges=((0, n),))
-        with torch.inference_mode():
-            run_blended_prefill(view, torch.tensor(prompt), k, v, plan, reuse_len=n, logits=False)
-        idx = torch.tensor(list(save.slots()), dtype=torch.int64)
-        errs, spread = [], []
-        for layer in range(view.num_layers):
-            storage = side._storages[layer]
-            ck, cv = storage[side.layout.element_index(idx, "k")], storage[side.layout.element_index(idx, "v")]
-            errs.append([float((k[layer].double() - ck.double()).norm() / ck.double().norm()),
-                         float((v[layer].double() - cv.double()).norm() / cv.double().norm())])
-            # How much K differs between neighbouring tokens: a check is only as strong as the KV is varied.
-            spread.append(float((ck[1:].double() - ck[:-1].double()).norm() / ck.double().norm()))
-        report["kv_rel_err_per_layer"] = errs
-        report["k_neighbour_spread_per_layer"] = spread
+        report["kv_rel_err_per_layer"] = full_recompute_errors(llm, prompt, save.slots())
+        # How much K differs between neighbouring tokens: a check is only as strong as the KV is varied.
+        keys = [read_layer_kv(save.slots(), layer)[0] for layer in range(view.num_layers)]
+        report["k_neighbour_spread_per_layer"] = [rel_err(ck[1:], ck[:-1]) for ck in keys]
 
         # One hit: a new, longer instruction before the donor's document (prefix mode could reuse nothing here),
         # so the document moves by 8 positions and its keys are re-rotated with this family's RoPE.
@@ -103,15 +87,9 @@ def main(family: str, out: Path) -> None:
         hit = llm.generate([{"prompt_token_ids": target}], params, use_tqdm=False)[0]
         report["hit_cached_tokens"] = int(hit.num_cached_tokens or 0)
         report["hit_prompt_tokens"] = len(target)
-        report["hit_blends"] = [dataclass_dict(stats) for _, stats, _ in side.recent_blends]
+        report["hit_blends"] = [dataclasses.asdict(stats) for _, stats, _ in side.recent_blends]
         report["hit_plan_deltas"] = sorted({int(s.delta) for b in RecordingConnector.blends for s in b.plan.spans})
     out.write_text(json.dumps(report))
-
-
-def dataclass_dict(obj: object) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 if __name__ == "__main__":

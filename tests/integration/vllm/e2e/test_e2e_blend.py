@@ -28,6 +28,7 @@ from conftest import (
     QUESTIONS,
     encode,
     fresh_layer0_kv,
+    full_recompute_errors,
     generate,
     make_llm,
     read_layer_kv,
@@ -91,26 +92,11 @@ def prompt_slots(prompt_len: int, spec) -> list[int]:
 def test_executor_full_recompute_equals_vllm_prefill_kv(llm, tokenizer, rec):
     """Every position mandatory: the shared executor, run on vLLM's modules through the view, must write the K/V
     vLLM's own forward wrote for the same prompt (all 30 layers; fp32, so only summation order differs)."""
-    from semblend_core.blended_prefill import run_blended_prefill
-    from semblend_core.plan import SemanticKvPlan
-
     prompt = encode(tokenizer, DOCUMENT)[:120] + encode(tokenizer, QUESTIONS[0])
     generate(llm, [prompt], max_tokens=1, salt="view")
     (save,) = [s for s in rec.saves if s.num_tokens == len(prompt)]
-    side = worker_connector().worker_side
-    view = side.blend_view
-    assert view is not None, side.blend_error
-    n = len(prompt)
-    k = torch.zeros(view.num_layers, n, view.num_kv_heads, view.head_dim)
-    v = torch.zeros_like(k)
-    ns = scheduler_connector(llm).scheduler_side.base_namespace
-    plan = SemanticKvPlan(False, "view_check", n, ns, recompute_ranges=((0, n),))
-    with torch.inference_mode():
-        run_blended_prefill(view, torch.tensor(prompt), k, v, plan, reuse_len=n, logits=False)
-    errs = []
-    for layer in range(view.num_layers):
-        ck, cv = read_layer_kv(save.slots(), layer)
-        errs.append((rel_err(k[layer], ck), rel_err(v[layer], cv)))
+    errs = full_recompute_errors(llm, prompt, save.slots())
+    assert len(errs) == 30
     # Layer 0 sees the same inputs; only the norm kernel may differ (the view calls _C.rms_norm where vLLM's CPU
     # build picks its native norm): rounding-level differences, no more.
     assert max(errs[0]) < 1e-6, errs[0]
