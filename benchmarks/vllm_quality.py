@@ -471,17 +471,27 @@ def _scheduler_side(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().scheduler_side
 
 
+def _selected_items(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The prompt file's items in ``--layouts``, the first ``--per-layout`` of each (0: all), in file order."""
+    data = json.loads(Path(args.prompts).read_text())
+    items = [it for it in data["items"] if it["layout"] in args.layouts.split(",")]
+    if not args.per_layout:
+        return items
+    taken: dict[str, int] = {}
+    out = []
+    for it in items:
+        if taken.get(it["layout"], 0) < args.per_layout:
+            taken[it["layout"]] = taken.get(it["layout"], 0) + 1
+            out.append(it)
+    return out
+
+
 def run_blend_engine(args: argparse.Namespace) -> dict[str, Any]:
     """One engine: ``cold`` (no connector), ``prefix`` or ``blend`` (every ratio, switched at run time)."""
     import torch
     import vllm
 
-    data = json.loads(Path(args.prompts).read_text())
-    items = [it for it in data["items"] if it["layout"] in args.layouts.split(",")]
-    if args.per_layout:
-        counts: dict[str, int] = {}
-        items = [it for it in items if counts.setdefault(it["layout"], 0) < args.per_layout
-                 and not counts.__setitem__(it["layout"], counts[it["layout"]] + 1)]
+    items = _selected_items(args)
     t0 = time.perf_counter()
     llm = _blend_llm(args, None if args.role == "cold" else args.role)
     # operating points "ratio[:selection]" (see _vllm_blend.parse_point), switched at run time
@@ -550,12 +560,7 @@ def run_blend_transformers(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)  # 1 on the shared 2-core machine: 2 threads there run ~8x slower
-    data = json.loads(Path(args.prompts).read_text())
-    items = [it for it in data["items"] if it["layout"] in args.layouts.split(",")]
-    if args.per_layout:
-        counts: dict[str, int] = {}
-        items = [it for it in items if counts.setdefault(it["layout"], 0) < args.per_layout
-                 and not counts.__setitem__(it["layout"], counts[it["layout"]] + 1)]
+    items = _selected_items(args)
     model, tok = load_smollm2()
     from semblend_core.recompute import SelectionStrategy
 
