@@ -434,15 +434,25 @@ def plot(path: Path) -> Path:
         colors = {"doc_first": "tab:green", "doc_moved": "tab:blue", "instruction_first": "tab:red"}
         for name, color in colors.items():
             line(lambda r, n=name: r.get("layouts", {}).get(n, {}).get("median_ms"), f"hit: {name}", color=color)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("TTFT ms (median)")
-        ax.set_title(f"{engine}: {data.get('device', '')}, vLLM {data.get('vllm', '')}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("SemBlendConnectorV1 prefix mode, Qwen2.5-7B config, RANDOM weights (load_format=dummy), bf16",
-                 fontsize=10)
+        _style_panel(ax, data, engine, "prompt tokens", "TTFT ms (median)", fontsize=8)
+    return _save_figure(fig, path, "SemBlendConnectorV1 prefix mode, Qwen2.5-7B config, RANDOM weights "
+                        "(load_format=dummy), bf16", fontsize=10)
+
+
+def _style_panel(ax: Any, data: dict[str, Any], engine: str, xlabel: str, ylabel: str, **legend: Any) -> None:
+    """One engine's panel of a TTFT plot: log-log axes, labels, the engine / device / vLLM title, grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{engine}: {data.get('device', '')}, vLLM {data.get('vllm', '')}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(**legend)
+
+
+def _save_figure(fig: Any, path: Path, title: str, fontsize: int) -> Path:
+    """Title, layout and ``path`` with a ``.png`` suffix (120 dpi); returns the PNG's path."""
+    fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     png = path.with_suffix(".png")
     fig.savefig(png, dpi=120)
@@ -904,19 +914,9 @@ def plot_blend(path: Path) -> Path:
                 if ratio == ratios[0] and hit.get("speedup"):
                     ax.annotate(f"{hit['speedup']:.1f}x", (r["prompt_tokens"], hit["median_ms"]), fontsize=7,
                                 textcoords="offset points", xytext=(4, -10))
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("prompt tokens (instruction before the document)")
-        ax.set_ylabel("ms")
-        ax.set_title(f"{engine}: {data.get('device', '')}, vLLM {data.get('vllm', '')}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("SemBlendConnectorV1 blend mode vs cold: TTFT (solid) and GPU-busy (dotted), Qwen2.5-7B config, "
-                 "RANDOM weights (load_format=dummy), bf16", fontsize=9)
-    fig.tight_layout()
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    return png
+        _style_panel(ax, data, engine, "prompt tokens (instruction before the document)", "ms", fontsize=7, ncol=2)
+    return _save_figure(fig, path, "SemBlendConnectorV1 blend mode vs cold: TTFT (solid) and GPU-busy (dotted), "
+                        "Qwen2.5-7B config, RANDOM weights (load_format=dummy), bf16", fontsize=9)
 
 
 def _add_blend_parsers(sub: Any) -> None:
