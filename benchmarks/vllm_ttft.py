@@ -539,6 +539,8 @@ class HookTimer:
         view = getattr(self.worker_side, "blend_view", None)
         if view is not None:
             out["view_kernels"] = repr(getattr(view, "kernels", None))
+        graphs = getattr(self.worker_side, "blend_graphs", None)
+        out["executor_graphs"] = graphs.summary() if graphs is not None else None
         recent = getattr(self.worker_side, "recent_blends", None)
         if recent:  # the worker's own record of its latest blends: executor stats and host times
             last = tuple(recent[-1])  # (req_id, BlendStats[, host seconds by step])
@@ -706,6 +708,7 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
                 calls = args.repeats + 1  # the series' warm-up call included
                 hit["last_blend"] = hooks.pop("last_blend", None)
                 hit["view_kernels"] = hooks.pop("view_kernels", None)
+                hit["executor_graphs"] = hooks.pop("executor_graphs", None)
                 hit["hooks_per_request"] = {k: {"calls": v["calls"] / calls, "host_ms": v["host_ms"] / calls,
                                                 "cuda_span_ms": None if v["cuda_span_ms"] is None
                                                 else v["cuda_span_ms"] / calls} for k, v in hooks.items()}

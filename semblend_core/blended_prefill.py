@@ -62,7 +62,7 @@ import numpy as np
 
 from semblend_core.plan import SemanticKvPlan
 
-__all__ = ["BlendModelView", "BlendStats", "assemble_kv", "run_blended_prefill", "to_device"]
+__all__ = ["BlendModelView", "BlendStats", "assemble_kv", "run_blended_prefill", "static_layers", "to_device"]
 
 
 class BlendModelView(ABC):
@@ -140,7 +140,7 @@ class BlendStats:
 
 
 def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any, *, rope_correction: bool = True,
-                total_len: int | None = None) -> tuple[Any, Any]:
+                total_len: int | None = None, out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
     """Target KV for positions ``[0, total_len)`` with rows ``[0, prefix_len)`` filled from the donors' KV.
 
     Args:
@@ -156,6 +156,9 @@ def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any,
             to fill.
         rope_correction: re-rotate moved keys by each span's delta. False exists only for the ablation that shows
             why it is needed.
+        out: ``(k_store, v_store)`` ``[num_layers, num_kv_heads, >= total_len, head_dim]`` (the HF layout, donors'
+            dtype and device) to fill instead of allocating, e.g. ``semblend_core.layer_graphs``' scratch: rows
+            ``[0, total_len)`` are zeroed and filled, later rows are left alone, the result is a view of them.
 
     Returns ``(k, v)``, each a ``[num_layers, total_len, num_kv_heads, head_dim]`` view in the donors' dtype whose
     storage is in the Hugging Face cache layout ``[num_layers, num_kv_heads, total_len, head_dim]``
@@ -175,8 +178,18 @@ def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any,
     first = next(iter(entries.values())) if entries is not None else donor_kv
     num_layers, _, _, kv_heads, head_dim = first.shape
     device = first.device
-    k_store = torch.zeros((num_layers, kv_heads, total_len, head_dim), dtype=first.dtype, device=device)
-    v_store = torch.zeros_like(k_store)
+    if out is None:
+        k_store = torch.zeros((num_layers, kv_heads, total_len, head_dim), dtype=first.dtype, device=device)
+        v_store = torch.zeros_like(k_store)
+    else:
+        k_store, v_store = (t[:, :, :total_len] for t in out)
+        want = (num_layers, kv_heads, total_len, head_dim)
+        for t in (k_store, v_store):
+            if tuple(t.shape) != want or t.dtype != first.dtype or t.device != device or t.stride(-1) != 1:
+                raise ValueError(f"out buffer {tuple(t.shape)} {t.dtype} on {t.device} cannot hold {want} "
+                                 f"{first.dtype} on {device}")
+        k_store.zero_()
+        v_store.zero_()
     # Slots per donor entry, in the plan's donor order (a bare tensor is one entry for every span).
     groups: dict[Any, tuple[list, list, list]] = {}
     for span in plan.spans:
@@ -266,9 +279,34 @@ def _nested_counts(plan: SemanticKvPlan, num_layers: int, candidates: int, check
     return out + counts
 
 
+def static_layers(view: BlendModelView, ids: Any, positions: Any, rotary_positions: Any, k: Any, v: Any
+                  ) -> tuple[Any, Any]:
+    """The layer loop of a run whose fresh rows are the same at every layer, with no branch on the host: what
+    ``semblend_core.layer_graphs`` captures. ``ids`` / ``positions`` / ``rotary_positions`` LongTensors ``[m]``:
+    the fresh rows' tokens, the cache rows they write and attend up to (causally), and the positions their RoPE
+    rotates at (the same for real rows). Writes every layer's fresh K/V at ``positions`` and returns ``(q,
+    hidden)``: the last layer's rotated queries ``[m, num_heads, head_dim]`` and its input residual stream."""
+    from semblend_core.partial_attention import partial_attention
+    from semblend_core.rope_store import rope_store
+
+    hidden = view.embed(ids)
+    cos, sin = view.rotary(rotary_positions)
+    last = int(view.num_layers) - 1
+    for layer_idx in range(last + 1):
+        q, kk, vv = view.qkv(layer_idx, hidden)
+        # The first layer checks the kernels' arguments; the others repeat its geometry.
+        q = rope_store(q, kk, vv, cos, sin, positions, k[layer_idx], v[layer_idx], validate=layer_idx == 0)
+        if layer_idx == last:
+            break
+        out = partial_attention(q, k[layer_idx], v[layer_idx], positions, scale=view.attention_scale(layer_idx),
+                                check_positions=False, validate=layer_idx == 0)
+        hidden = view.finish_layer(layer_idx, out.reshape(out.shape[0], -1), hidden)
+    return q, hidden
+
+
 def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, plan: SemanticKvPlan, *,
                         reuse_len: int, check_layer: int | None = 1, selection: Any = None, logits: bool = True,
-                        fixed_prefix: int = 0) -> tuple[BlendStats, Any]:
+                        fixed_prefix: int = 0, graphs: Any = None) -> tuple[BlendStats, Any]:
     """The whole blended prefill in one pass over the layers (see the module docstring for the active sets).
 
     Args:
@@ -292,6 +330,9 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
         fixed_prefix: positions ``[0, fixed_prefix)`` already hold final KV (the engine's own exact prefix-cache
             hit): never recomputed, never selection candidates (even where the plan has no span), attended to as
             they are. ``0 <= fixed_prefix <= reuse_len``.
+        graphs: a ``semblend_core.layer_graphs.LayerLoopGraphs`` of this view: a run whose fresh rows are the
+            same at every layer (no check, no selection depth) replays its captured loop when ``k``/``v`` are
+            views of its scratch; anything it cannot take runs eagerly. Same results either way (up to rounding).
 
     Returns ``(stats, logits)``: float32 logits ``[vocab]`` of the last prompt token, or None with
     ``logits=False``. Running the suffix inside the same loop (instead of the model's forward on the assembled
@@ -363,6 +404,12 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
         active = np.union1d(mandatory, np.flatnonzero(sel_depth > 0))
     if active.size == 0:  # logits=False only: every row below reuse_len is reused as it is
         return BlendStats(reuse_len, (0,) * num_layers, False, 0, probe_cost, fixed_prefix), None
+    if graphs is not None and not check and sel_depth is None:
+        replayed = graphs.run(ids, active, k, v)
+        if replayed is not None:
+            return _finish_static(view, replayed, active, k, v, reuse_len, logits,
+                                  BlendStats(reuse_len, (int(np.searchsorted(active, reuse_len)),) * num_layers,
+                                             False, mandatory_prefix, probe_cost, fixed_prefix))
     pos_t = to_device(active, device)
     hidden = view.embed(ids[pos_t])  # [n, hidden]: 2-D end to end, so every projection is one mm
     cos, sin = view.rotary(pos_t)  # recomputed only when the active set changes
@@ -433,6 +480,23 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
     if not logits:
         return stats, None
     return stats, view.logits(hidden[-1:])[-1].float()
+
+
+def _finish_static(view: BlendModelView, replayed: tuple[Any, Any], active: np.ndarray, k: Any, v: Any,
+                   reuse_len: int, logits: bool, stats: BlendStats) -> tuple[BlendStats, Any]:
+    """After a static loop (``graphs.run``): with logits, the last layer for the last token only (as the eager
+    loop does), then the LM head."""
+    if not logits:
+        return stats, None
+    from semblend_core.partial_attention import partial_attention
+
+    q, hidden = replayed
+    m, last = int(active.size), int(view.num_layers) - 1
+    pos = to_device(active[-1:], k.device)
+    out = partial_attention(q[m - 1:m], k[last], v[last], pos, scale=view.attention_scale(last),
+                            check_positions=False)
+    hidden = view.finish_layer(last, out.reshape(1, -1), hidden[m - 1:m])
+    return stats, view.logits(hidden)[-1].float()
 
 
 def _select(selection: Any, plan: SemanticKvPlan, candidates_mask: np.ndarray, reuse_len: int, view: BlendModelView,

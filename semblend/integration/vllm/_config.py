@@ -28,7 +28,7 @@ MODES = (MODE_DISCOVERY_ONLY, MODE_PREFIX, MODE_BLEND)
 # Modes that write donor KV into a request's blocks (everything but discovery).
 MATERIALIZING_MODES = (MODE_PREFIX, MODE_BLEND)
 # Adapter keys that only mean something in blend mode (elsewhere nothing is recomputed: they fail at start-up).
-BLEND_KEYS = ("recompute_ratio", "check_layers", "selection")
+BLEND_KEYS = ("recompute_ratio", "check_layers", "selection", "cuda_graphs")
 # The transformers engine's default check layer (``EngineOptions.check_layer``; a test keeps them equal).
 DEFAULT_CHECK_LAYER = 1
 
@@ -63,6 +63,9 @@ class VllmAdapterConfig:
       :data:`DEFAULT_CHECK_LAYER` (the transformers engine's). Normalised to a tuple of at most one int.
     * ``selection``: a ``semblend_core.recompute.SelectionStrategy`` name (``SELECTIONS``) that picks the budgeted
       tokens instead of the deviation check; ``None`` keeps the check.
+    * ``cuda_graphs``: replay the executor's layer loop from CUDA graphs (``semblend_core.layer_graphs``) for hits
+      whose fresh tokens are the same at every layer (ratio 0, or no budgeted token); ``None`` follows vLLM: on
+      unless ``enforce_eager``. Costs one KV scratch of ``max_model_len`` tokens on the GPU, held.
     """
 
     mode: str = MODE_DISCOVERY_ONLY
@@ -73,6 +76,7 @@ class VllmAdapterConfig:
     recompute_ratio: float | None = None
     check_layers: Any = DEFAULT_CHECK_LAYER
     selection: str | None = None
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +97,9 @@ class VllmAdapterConfig:
         if not isinstance(self.load_moved_prefix, bool):
             raise ConfigError(f"kv_connector_extra_config.load_moved_prefix={self.load_moved_prefix!r} is not "
                               "allowed; allowed: true, false")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"kv_connector_extra_config.cuda_graphs={self.cuda_graphs!r} is not allowed; "
+                              "allowed: true, false, null (follow vLLM's enforce_eager)")
         for name in ("donor_kv_gpu_bytes", "donor_kv_host_bytes", "min_donor_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -134,7 +141,7 @@ def _parse_adapter_value(name: str, value: Any) -> Any:
     if not isinstance(value, str) or name in ("mode", "selection"):
         return value
     text = value.strip().lower()
-    if name == "load_moved_prefix":
+    if name in ("load_moved_prefix", "cuda_graphs"):
         return {"true": True, "1": True, "false": False, "0": False}.get(text, value)
     if name == "recompute_ratio":
         try:
@@ -336,3 +343,14 @@ def blend_decline_reason(vllm_config: Any) -> str:
     if int(_attr(parallel, "pipeline_parallel_size", default=1)) > 1:
         return BLEND_PIPELINE_PARALLEL
     return ""
+
+
+def blend_graph_tokens(vllm_config: Any, adapter: VllmAdapterConfig) -> int:
+    """Tokens the blend executor's CUDA-graph scratch holds (``max_model_len``), or 0 for no graphs: not blend
+    mode, ``cuda_graphs: false``, or unset with vLLM's ``enforce_eager``. Pure."""
+    if not adapter.blend or adapter.cuda_graphs is False:
+        return 0
+    model = _attr(vllm_config, "model_config")
+    if adapter.cuda_graphs is None and bool(_attr(model, "enforce_eager", default=False)):
+        return 0
+    return max(0, int(_attr(model, "max_model_len", default=0) or 0))

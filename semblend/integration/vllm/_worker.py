@@ -168,6 +168,7 @@ class WorkerSide:
         self._known: set[tuple[str, str]] = set()
         self.blend_view: Any = None
         self.blend_error = "blend mode is off"
+        self.blend_graphs: Any = None  # semblend_core.layer_graphs.LayerLoopGraphs, when set_blend_view enables them
         self._blend_error_logged = False
         # (req_id, BlendStats, host timings) of the latest blends, newest last
         self.recent_blends: collections.deque = collections.deque(maxlen=32)
@@ -334,12 +335,20 @@ class WorkerSide:
             self._run_blend(blend)
 
     # ------------------------------------------------------------------ blends
-    def set_blend_view(self, view: Any, reason: str = "") -> None:
+    def set_blend_view(self, view: Any, reason: str = "", *, graph_tokens: int = 0) -> None:
         """Blend mode: the executor's view of this worker's model (``_model_view.VllmModelView``), or None with
         ``reason`` (plugin not active, model not supported, TP > 1): then every blend is declined and vLLM
-        recomputes. Call once, after ``register_kv_caches``."""
+        recomputes. ``graph_tokens`` > 0 (``_config.blend_graph_tokens``) on a CUDA worker: hits up to that many
+        tokens may replay the layer loop from CUDA graphs (``semblend_core.layer_graphs``). Call once, after
+        ``register_kv_caches``."""
         self.blend_view = view
         self.blend_error = "" if view is not None else (reason or "no_model_view")
+        self.blend_graphs = None
+        if view is not None and graph_tokens > 0 and getattr(self._device, "type", None) == "cuda":
+            from semblend_core.layer_graphs import LayerLoopGraphs
+
+            self.blend_graphs = LayerLoopGraphs(view, max_tokens=int(graph_tokens), device=self._device,
+                                                dtype=self._dtype)
         if view is None:
             logger.error("SemBlend: blend mode cannot run on this worker (%s); blend hits are declined and "
                          "prefilled normally", self.blend_error)
@@ -432,14 +441,16 @@ class WorkerSide:
         rope = self.rope if self.rope is not None else self._copy_rope
         with torch.inference_mode():
             t0 = time.perf_counter()
-            k, v = assemble_kv(plan, donor_kv, n, rope, total_len=n)
+            graphs = self.blend_graphs
+            k, v = assemble_kv(plan, donor_kv, n, rope, total_len=n,
+                               out=graphs.scratch(n) if graphs is not None else None)
             if local:
                 self._scratch_rows(k, v, 0, slots[:local], to_cache=False)
             ids = to_device(target, self._device)
             t1 = time.perf_counter()
             stats, _ = run_blended_prefill(view, ids, k, v, plan, reuse_len=n, logits=False, fixed_prefix=local,
                                            check_layer=spec.check_layer,
-                                           selection=_selection(spec.selection))
+                                           selection=_selection(spec.selection), graphs=graphs)
             t2 = time.perf_counter()
             self._scratch_rows(k, v, local, slots[local:], to_cache=True)
         # Host times (on CUDA: launch time, the work is queued on the stream): for diagnostics and tests.

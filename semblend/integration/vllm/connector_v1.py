@@ -24,7 +24,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from semblend.integration.vllm._config import base_namespace, blend_decline_reason, parse_extra_config
+from semblend.integration.vllm._config import (
+    base_namespace,
+    blend_decline_reason,
+    blend_graph_tokens,
+    parse_extra_config,
+)
 from semblend.integration.vllm._metadata import KvSignature, StepPlan, WorkerReport
 from semblend.integration.vllm._metrics import ConnectorStats
 from semblend_core import ConfigError
@@ -402,7 +407,9 @@ class SemBlendConnectorV1(KVConnectorBase_V1):
             error = "discovery_only mode loads nothing"
         self.worker_side.register_kv_caches(kv_caches, layout, error)
         if self.adapter.blend:
-            self.worker_side.set_blend_view(*blend_model_view(self._vllm_config, kv_caches))
+            view, reason = blend_model_view(self._vllm_config, kv_caches)
+            self.worker_side.set_blend_view(view, reason,
+                                            graph_tokens=blend_graph_tokens(self._vllm_config, self.adapter))
 
     def _plan(self) -> StepPlan | None:
         meta = self._connector_metadata

@@ -74,6 +74,21 @@ def test_blend_default_check_layer_is_the_transformers_engines():
     assert engine.EngineOptions().check_layer == DEFAULT_CHECK_LAYER
 
 
+def test_blend_cuda_graphs_follow_enforce_eager_unless_set():
+    from semblend.integration.vllm._config import blend_graph_tokens
+
+    cfg = vllm_config(model_config__max_model_len=32768, model_config__enforce_eager=False)
+    eager = vllm_config(model_config__max_model_len=32768, model_config__enforce_eager=True)
+
+    def tokens(extra, config):
+        return blend_graph_tokens(config, parse_extra_config(extra, environ={})[0])
+
+    assert tokens({"mode": "blend"}, cfg) == 32768 and tokens({"mode": "blend"}, eager) == 0
+    assert tokens({"mode": "blend", "cuda_graphs": True}, eager) == 32768
+    assert tokens({"mode": "blend", "cuda_graphs": "false"}, cfg) == 0
+    assert tokens({"mode": "prefix"}, cfg) == 0
+
+
 def test_blend_capability_is_read_from_vllms_config():
     from semblend.integration.vllm._config import blend_decline_reason
 
@@ -115,6 +130,8 @@ def test_env_is_the_base_and_extra_config_wins():
     ({"mode": "prefix", "selection": "query"}, r"selection applies only to mode 'blend'"),
     ({"mode": "blend", "load_moved_prefix": True}, r"load_moved_prefix applies only to mode 'prefix'"),
     ({"mode": "blend", "recompute_rato": 0.1}, r"unknown SemBlend config key.*recompute_rato"),
+    ({"mode": "blend", "cuda_graphs": "sometimes"}, r"cuda_graphs='sometimes' is not allowed; allowed: true, false"),
+    ({"mode": "prefix", "cuda_graphs": True}, r"cuda_graphs applies only to mode 'blend'"),
 ])
 def test_bad_keys_fail_naming_what_is_allowed(extra, match):
     with pytest.raises(ConfigError, match=match) as info:
