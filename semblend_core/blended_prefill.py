@@ -331,7 +331,7 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
             hit): never recomputed, never selection candidates (even where the plan has no span), attended to as
             they are. ``0 <= fixed_prefix <= reuse_len``.
         graphs: a ``semblend_core.layer_graphs.LayerLoopGraphs`` of this view: a run whose fresh rows are the
-            same at every layer (no check, no selection depth) replays its captured loop when ``k``/``v`` are
+            same at every layer (no check; a selection only if its tokens are fresh at every layer) replays its captured loop when ``k``/``v`` are
             views of its scratch; anything it cannot take runs eagerly. Same results either way (up to rounding).
 
     Returns ``(stats, logits)``: float32 logits ``[vocab]`` of the last prompt token, or None with
@@ -404,7 +404,9 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
         active = np.union1d(mandatory, np.flatnonzero(sel_depth > 0))
     if active.size == 0:  # logits=False only: every row below reuse_len is reused as it is
         return BlendStats(reuse_len, (0,) * num_layers, False, 0, probe_cost, fixed_prefix), None
-    if graphs is not None and not check and sel_depth is None:
+    # Static: the fresh rows are the same at every layer (no check; selected tokens, if any, fresh at all layers).
+    static = not check and (sel_depth is None or bool((sel_depth[sel_depth > 0] >= num_layers).all()))
+    if graphs is not None and static:
         replayed = graphs.run(ids, active, k, v)
         if replayed is not None:
             return _finish_static(view, replayed, active, k, v, reuse_len, logits,

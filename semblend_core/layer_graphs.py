@@ -5,8 +5,9 @@ dozen kernels per layer. Inside vLLM on an H200 (Qwen2.5-7B, 8K prompt, recomput
 10-12 ms of host time for 5 ms of GPU work, so the first token waited on Python, not on the GPU. A graph replays
 the whole loop with one launch.
 
-What is captured: the loop of a *static* run -- no deviation check, no selection depth, so the fresh rows are the
-same at every layer (recompute ratio 0: uncovered tokens and seam heads) -- for a bucket of ``R`` fresh rows and a
+What is captured: the loop of a *static* run -- no deviation check, and selected tokens (if any) fresh at every
+layer, so the fresh rows are the same at every layer (recompute ratio 0: uncovered tokens and seam heads; a
+``position`` selection at full depth) -- for a bucket of ``R`` fresh rows and a
 bucket of ``C`` tokens: embedding, RoPE tables, then per layer ``qkv`` -> ``rope_store`` -> ``partial_attention``
 -> ``finish_layer``, and the last layer's ``qkv`` -> ``rope_store``. Its inputs are static buffers this object
 owns: token ids and positions (``R``), and the KV scratch (one storage, ``C + 1`` rows, grown by power-of-two
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ROW_BUCKETS", "SELF_CHECK_TOL", "LayerLoopGraphs", "token_bucket"]
 
-ROW_BUCKETS = (16, 32, 64, 128, 256, 512)  # fresh rows per hit; more than 512 runs eagerly (GPU-bound anyway)
+ROW_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # fresh rows per hit; more run eagerly (GPU-bound anyway)
 MIN_TOKEN_BUCKET = 1024
 SELF_CHECK_TOL = 1e-2  # replay vs eager warm-up on the same inputs; bf16 rounding is ~4e-3
 
@@ -79,7 +80,7 @@ class LayerLoopGraphs:
 
         if int(max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if not row_buckets or list(row_buckets) != sorted(set(int(r) for r in row_buckets)) or row_buckets[0] < 1:
+        if not row_buckets or list(row_buckets) != sorted({int(r) for r in row_buckets}) or row_buckets[0] < 1:
             raise ValueError(f"row_buckets must be ascending positive ints, got {row_buckets}")
         self.view = view
         self.max_tokens = int(max_tokens)

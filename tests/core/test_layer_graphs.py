@@ -14,13 +14,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_blended_prefill import N, cold, plan_of, prompt, tiny  # noqa: E402
+from test_blended_prefill import N, cold, plan_of, prompt, tiny
 
-from semblend.integration.transformers.blend import TransformersModelView, model_support  # noqa: E402
-from semblend_core.blended_prefill import assemble_kv, run_blended_prefill  # noqa: E402
-from semblend_core.layer_graphs import LayerLoopGraphs, token_bucket  # noqa: E402
-from semblend_core.plan import Span  # noqa: E402
-from semblend_core.recompute import SelectionStrategy  # noqa: E402
+from semblend.integration.transformers.blend import TransformersModelView, model_support
+from semblend_core.blended_prefill import assemble_kv, run_blended_prefill
+from semblend_core.layer_graphs import LayerLoopGraphs, token_bucket
+from semblend_core.plan import Span
+from semblend_core.recompute import SelectionStrategy
 
 HALF = N // 2
 SEAMS = (Span(0, 0, HALF), Span(HALF, HALF, N - 8 - HALF))
@@ -122,15 +122,33 @@ def test_runs_the_graphs_cannot_take_run_eagerly_with_a_reason(model, spec):
     plan = plan_of((Span(0, 0, N - 4),), N)
     run(view, ids, plan, spec, kv, graphs=graphs, reuse_len=N, logits=False)
     assert graphs.fallbacks["not_scratch"] == 1 and graphs.captures == 0
-    # A deviation check or a selection: fresh rows change per layer, never graphed (not even asked).
+    # A deviation check or a selection of partial depth: fresh rows change per layer, never graphed (not asked).
     seams = plan_of(SEAMS, N, budget=0.3, ranges=((HALF, HALF + 2),))
-    for kw in ({"check_layer": 1}, {"selection": SelectionStrategy("position")}):
+    for kw in ({"check_layer": 1}, {"selection": SelectionStrategy("position", depth=0.5)}):
         got = run(view, ids, seams, spec, kv, graphs=graphs, reuse_len=N - 8, logits=True, out=graphs.scratch(N),
                   **kw)
         assert got[0].token_layers > 2 * 4
     assert graphs.captures == 0 and graphs.replays == 0 and sum(graphs.fallbacks.values()) == 2
     # Longer than max_tokens: no scratch.
     assert LayerLoopGraphs(view, max_tokens=64, device="cpu", dtype=torch.float32).scratch(N) is None
+
+
+@pytest.mark.parametrize("name", ["position", "query"])
+def test_a_selection_fresh_at_every_layer_is_static_and_graphed(model, spec, name):
+    ids = prompt()
+    ref_logits, k_ref, v_ref = cold(model, ids)
+    kv = torch.stack((k_ref, v_ref), dim=1)
+    plan = plan_of(SEAMS, N, budget=0.2, ranges=((HALF, HALF + 2),))
+    view, graphs = graphs_for(model)
+    selection = SelectionStrategy(name)
+    want = run(view, ids, plan, spec, kv, reuse_len=N - 8, logits=True, selection=selection)
+    got = run(view, ids, plan, spec, kv, graphs=graphs, reuse_len=N - 8, logits=True, selection=selection,
+              out=graphs.scratch(N))
+    assert graphs.captures == 1 and not graphs.fallbacks
+    assert got[0] == want[0] and got[0].active_per_layer[0] > 2  # the budget bought fresh tokens
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-6)
 
 
 def test_the_scratch_grows_by_buckets_and_drops_the_old_graphs(model, spec):
@@ -178,7 +196,7 @@ def test_captured_graphs_replay_the_eager_executor_on_cuda(dtype):
     view = TransformersModelView(model)
     graphs = LayerLoopGraphs(view, max_tokens=4096, device="cuda", dtype=dtype)
     plan = plan_of(SEAMS, N, ranges=((HALF, HALF + 2),))
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
     for seed in (1, 2, 3):  # capture on the first hit, replay on the next ones
         ids = prompt(seed=seed).cuda()
         _, k_ref, v_ref = cold(model, ids)
