@@ -279,23 +279,23 @@ def _nested_counts(plan: SemanticKvPlan, num_layers: int, candidates: int, check
     return out + counts
 
 
-def static_layers(view: BlendModelView, ids: Any, positions: Any, rotary_positions: Any, k: Any, v: Any
-                  ) -> tuple[Any, Any]:
+def static_layers(view: BlendModelView, ids: Any, slots: Any, positions: Any, k: Any, v: Any) -> tuple[Any, Any]:
     """The layer loop of a run whose fresh rows are the same at every layer, with no branch on the host: what
-    ``semblend_core.layer_graphs`` captures. ``ids`` / ``positions`` / ``rotary_positions`` LongTensors ``[m]``:
-    the fresh rows' tokens, the cache rows they write and attend up to (causally), and the positions their RoPE
-    rotates at (the same for real rows). Writes every layer's fresh K/V at ``positions`` and returns ``(q,
-    hidden)``: the last layer's rotated queries ``[m, num_heads, head_dim]`` and its input residual stream."""
+    ``semblend_core.layer_graphs`` captures. ``ids`` / ``slots`` / ``positions`` LongTensors ``[m]``: the fresh
+    rows' tokens, the cache rows their K/V are written to, and the positions their RoPE rotates at and their
+    attention reaches up to (causally); for a real row ``slot == position``. Writes every layer's fresh K/V at
+    ``slots`` and returns ``(q, hidden)``: the last layer's rotated queries ``[m, num_heads, head_dim]`` and its
+    input residual stream."""
     from semblend_core.partial_attention import partial_attention
     from semblend_core.rope_store import rope_store
 
     hidden = view.embed(ids)
-    cos, sin = view.rotary(rotary_positions)
+    cos, sin = view.rotary(positions)
     last = int(view.num_layers) - 1
     for layer_idx in range(last + 1):
         q, kk, vv = view.qkv(layer_idx, hidden)
         # The first layer checks the kernels' arguments; the others repeat its geometry.
-        q = rope_store(q, kk, vv, cos, sin, positions, k[layer_idx], v[layer_idx], validate=layer_idx == 0)
+        q = rope_store(q, kk, vv, cos, sin, slots, k[layer_idx], v[layer_idx], validate=layer_idx == 0)
         if layer_idx == last:
             break
         out = partial_attention(q, k[layer_idx], v[layer_idx], positions, scale=view.attention_scale(layer_idx),

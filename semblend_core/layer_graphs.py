@@ -10,12 +10,14 @@ layer, so the fresh rows are the same at every layer (recompute ratio 0: uncover
 ``position`` selection at full depth) -- for a bucket of ``R`` fresh rows and a
 bucket of ``C`` tokens: embedding, RoPE tables, then per layer ``qkv`` -> ``rope_store`` -> ``partial_attention``
 -> ``finish_layer``, and the last layer's ``qkv`` -> ``rope_store``. Its inputs are static buffers this object
-owns: token ids and positions (``R``), and the KV scratch (one storage, ``C + 1`` rows, grown by power-of-two
-buckets; :meth:`LayerLoopGraphs.scratch` hands it to ``assemble_kv``). A hit with ``m <= R`` fresh rows and
-``n <= C`` tokens fills rows ``[0, m)``; rows ``[m, R)`` are padding that writes and queries the spare row ``C``
-(rotated at position 0, a valid table row). No real query attends row ``C``: a query at position ``p < n <= C``
-attends keys ``0..p`` only (the causal mask), and rows are independent everywhere else (norms, projections, MLP
-act per row), so the padding changes nothing a real row computes.
+owns: token ids, cache slots and positions (``R``), and the KV scratch (one storage, ``C + 1`` rows, grown by
+power-of-two buckets; :meth:`LayerLoopGraphs.scratch` hands it to ``assemble_kv``). A hit with ``m <= R`` fresh
+rows and ``n <= C`` tokens fills rows ``[0, m)``; rows ``[m, R)`` are padding: at position 0 (RoPE and attention:
+they attend key 0 only, so they cost no attention work -- padding at a late position made every padded row block
+read the whole KV, +12 ms of GPU time at 32K) and writing their K/V to the spare row ``C``. No real query attends
+row ``C``: a query at position ``p < n <= C`` attends keys ``0..p`` only (the causal mask), and rows are
+independent everywhere else (norms, projections, MLP act per row), so the padding changes nothing a real row
+computes.
 
 Correctness: every graph is captured right after an eager warm-up run on the hit's own inputs, then replayed on
 those inputs; the replay must reproduce the warm-up's outputs (relative error within :data:`SELF_CHECK_TOL`) or
@@ -100,7 +102,7 @@ class LayerLoopGraphs:
         rows = self.row_buckets[-1]
         # Token ids start valid (0) and only ever hold valid ids, so padding rows always embed a real token.
         self._ids = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        self._pos = torch.zeros(2, rows, dtype=torch.int64, device=self.device)  # (slot/causal, rotary) positions
+        self._pos = torch.zeros(2, rows, dtype=torch.int64, device=self.device)  # (cache slots, positions)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     # ------------------------------------------------------------------ scratch
@@ -114,7 +116,7 @@ class LayerLoopGraphs:
             return None
         bucket = token_bucket(total_len, self.max_tokens)
         if bucket > self._capacity:
-            self._graphs.clear()
+            self._drop_graphs()
             self._k = self._v = None  # free the old storage before allocating the new one
             shape = (self.view.num_layers, self.view.num_kv_heads, bucket + 1, self.view.head_dim)
             self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -146,13 +148,13 @@ class LayerLoopGraphs:
         bucket = token_bucket(n, self.max_tokens)
         positions = np.empty((2, rows), dtype=np.int64)
         positions[:, :m] = active
-        positions[0, m:] = bucket  # padding writes and queries the spare row ...
-        positions[1, m:] = 0  # ... rotated at a valid table position
+        positions[0, m:] = bucket  # padding writes the spare row ...
+        positions[1, m:] = 0  # ... and sits at position 0 (attends key 0 only)
         pos = self._pos[:, :rows]
         host = torch.from_numpy(positions)
         # Pinned + non-blocking: a copy from pageable memory would wait for every kernel queued before it.
         pos.copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
-        torch.index_select(ids, 0, pos[0, :m], out=self._ids[:m])
+        torch.index_select(ids, 0, pos[1, :m], out=self._ids[:m])
         key = (rows, bucket)
         entry = self._graphs.get(key)
         if entry is None:
@@ -210,9 +212,18 @@ class LayerLoopGraphs:
                     rows, bucket, err)
         return _Graph(graph, q, hidden)
 
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        if self.capture:
+            # A pool whose last graph is gone is released: capturing into its handle again fails an allocator
+            # assert (torch 2.11, seen in vLLM on the H200), so the next graphs get a new pool.
+            import torch
+
+            self._pool = torch.cuda.graph_pool_handle()
+
     def _disable(self, why: str) -> None:
         self.disabled = why
-        self._graphs.clear()
+        self._drop_graphs()
         logger.warning("SemBlend: CUDA graphs of the blend executor switched off: %s; hits run eagerly", why)
 
     def summary(self) -> dict[str, Any]:

@@ -84,6 +84,10 @@ def test_a_static_run_through_the_graphs_equals_the_eager_executor_and_cold(mode
                   fixed_prefix=fixed, out=out)
     assert graphs.captures == 1 and not graphs.fallbacks
     assert graphed[0] == eager[0]
+    # Padding rows write the spare row and sit at position 0: they attend key 0 only, so they cost no attention.
+    m = graphed[0].active_per_layer[0] + (N - reuse_len)
+    rows = next(r for r in graphs.row_buckets if r >= m)
+    assert rows > m and graphs._pos[0, m:rows].eq(bucket).all() and graphs._pos[1, m:rows].eq(0).all()
     if logits:
         torch.testing.assert_close(graphed[1], eager[1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(graphed[1], ref_logits, atol=1e-5, rtol=1e-5)
@@ -207,6 +211,12 @@ def test_captured_graphs_replay_the_eager_executor_on_cuda(dtype):
         torch.testing.assert_close(got[2], want[2], **tol)
         torch.testing.assert_close(got[3], want[3], **tol)
     assert graphs.captures == 1 and graphs.replays == 2 and not graphs.disabled and not graphs.fallbacks
+    # A longer hit grows the scratch and drops every graph (their pool is released); the next capture needs a new
+    # pool (capturing into the released one fails an allocator assert).
+    assert graphs.scratch(1500) is not None and graphs.summary()["graphs"] == []
+    got = run(view, ids, plan, spec, kv, graphs=graphs, reuse_len=N - 8, logits=True, out=graphs.scratch(N))
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert graphs.captures == 2 and not graphs.disabled and graphs.summary()["graphs"] == [(16, 1024)]
 
 
 @cuda
