@@ -593,9 +593,9 @@ def gpu_busy(prof: Any) -> dict[str, Any]:
             "hook_gpu_span_ms": sum(b - a for a, b in label) / 1e3 if label else None}
 
 
-def _profiled(bench: Bench, prompt: list[int]) -> dict[str, Any]:
+def _profiled(bench: Bench, prompt: list[int], trace: Path | None = None) -> dict[str, Any]:
     """One request under torch.profiler (CPU + CUDA activities): its wall time (profiler overhead included) and the
-    GPU-busy time from the trace."""
+    GPU-busy time from the trace; with ``trace``, the whole timeline as a gzipped Chrome trace there."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -606,6 +606,15 @@ def _profiled(bench: Bench, prompt: list[int]) -> dict[str, Any]:
         out: dict[str, Any] = {"wall_ms_profiled": dt * 1e3, "cached_tokens": cached}
         if torch.cuda.is_available():
             out.update(gpu_busy(prof))
+        if trace is not None:
+            import gzip
+
+            raw = trace.with_suffix("")
+            prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+                dst.write(src.read())
+            raw.unlink()
+            out["trace"] = trace.name
         return out
     except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the timings
         return {"profile_error": repr(exc)}
@@ -721,7 +730,9 @@ def blend_worker(args: argparse.Namespace) -> dict[str, Any]:
                     else {"reused_tokens": int(plans[-1].reused_tokens) if plans and plans[-1].is_hit else 0}
                 hit["target_tokens"] = len(target(0))
                 if args.profile:
-                    hit["profile"] = _profiled(bench, target(0))
+                    trace = Path(args.out).with_name(f"trace_{args.engine}_{length}_{label}.json.gz") \
+                        if length in cprofile_lengths and ratio == 0 else None
+                    hit["profile"] = _profiled(bench, target(0), trace)
                     timer.take()
                 if length in cprofile_lengths:
                     hit["cprofile"] = _cprofiled(bench, target(0))
