@@ -41,6 +41,18 @@
 #      per layout. The committed vllm_blend_quality_h200.json came from two calls on 2026-12-01: cold + prefix with a
 #      250 s budget, which cut the blend engine, then `vllm_quality.py blend-engine --role blend --cold <that cold
 #      file>` alone, summarized here with `blend-summarize`.)
+# When the tracked tree (~9 MB with the results) no longer fits beside vLLM's 62.9 MB chunk 1, split the chunk:
+#   mkdir -p .carry/h1 .carry/h2b; head -c 55000000 .gpu-vllm/c1/*.part-aa > .carry/h1/aa.0
+#   tail -c +55000001 .gpu-vllm/c1/*.part-aa > .carry/h2b/aa.1
+#   1. carry [".carry/h1"]:                              mkdir -p /tmp/stage && cp .carry/h1/aa.0 /tmp/stage/
+#   2. carry [".gpu-vllm/c2", ".carry/vblend", ".carry/h2b"] (~53 MB with the tree):
+#      cat /tmp/stage/aa.0 .carry/h2b/aa.1 > /tmp/stage/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl.part-aa &&
+#      rm /tmp/stage/aa.0 && BLEND_TTFT_ARGS='...' bash .carry/vblend/benchmarks/h200_vllm.sh blend_ttft
+#   (install.sh checks the joined chunk's sha256). The 2026-12-01 18:00 runs (executor CUDA graphs) used
+#   BLEND_TTFT_ARGS='--ratios 0,0.05:position,0.15:position,0.05 --cprofile-lengths 8192,32704
+#   --extra-config {"cuda_graphs":true}' (~6 min of device time each) and then, in the same call,
+#   PYTHONPATH=/tmp/site:$PWD python3 -m pytest tests/core/test_layer_graphs.py (pytest + pluggy + iniconfig +
+#   pygments wheels added to .carry/vblend/whl).
 # Env (optional): BENCH_VLLM_PLUGIN=module:function (default semblend.integration.vllm:register, which the
 # benchmarks call before LLM(): code run from PYTHONPATH has no entry points), BLEND_TTFT_ARGS / BLEND_QUALITY_ARGS (extra arguments,
 # e.g. "--ratio-per-engine --engines eager" if the ratio cannot be switched at run time), *_BUDGET / *_TIMEOUT.
