@@ -389,3 +389,28 @@ def test_failed_blend_reports_only_credited_blocks_and_retires_its_donors():
     assert reasons(s).get(DeclineReason.LOAD_FAILED) == 1
     assert s.resident_donors() == 0 and len(s.pipeline.store) == 0
     assert s.num_tracked_requests() == 0
+
+
+def test_block_hash_taint_is_a_seeded_xor_pad_in_each_hashs_own_type():
+    import hashlib
+
+    from semblend.integration.vllm._scheduler import _xor_padded
+
+    hashes = [hashlib.sha256(b"%d" % i).digest() for i in range(300)]
+    seed = b"semblend-approximate-kv" + b"secret" + b"req-1"
+    tainted = _xor_padded(hashes, seed)
+    # The numpy path is the per-block big-endian int XOR with the pad (lowest bit set: the pad is never zero).
+    pad = int.from_bytes(hashlib.shake_256(seed).digest(32), "big") | 1
+    assert tainted == [(int.from_bytes(h, "big") ^ pad).to_bytes(32, "big") for h in hashes]
+    assert all(type(t) is bytes for t in tainted) and len(set(tainted)) == 300
+    assert not set(tainted) & set(hashes)
+    assert _xor_padded(tainted, seed) == hashes  # an involution: why tainted blocks are never tainted twice
+    assert _xor_padded(hashes, seed + b"x") != tainted  # another request's pad
+    # Mixed lengths and bytes subclasses go through the per-hash path, keeping their type.
+    class Hash(bytes):
+        pass
+
+    odd = [Hash(b"abc"), b"defgh"]
+    out = _xor_padded(odd, seed)
+    assert type(out[0]) is Hash and len(out[1]) == 5 and _xor_padded(out, seed) == odd
+    assert _xor_padded([], seed) == []
