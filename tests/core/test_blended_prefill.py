@@ -106,11 +106,16 @@ class SpyView(TransformersModelView):
         raise AssertionError("logits must not be called with logits=False")
 
 
-@pytest.fixture(scope="module")
-def spec(llama):
-    ok, reason, rope_spec = model_support(llama)
+def rope_spec_of(model):
+    """The model's RoPE spec, asserting the executor supports it."""
+    ok, reason, rope_spec = model_support(model)
     assert ok, reason
     return rope_spec
+
+
+@pytest.fixture(scope="module")
+def spec(llama):
+    return rope_spec_of(llama)
 
 
 # Plans over the prompt's own KV: (spans, recompute ranges, budget, check_layer, selection).

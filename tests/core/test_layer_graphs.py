@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_blended_prefill import N, cold, plan_of, prompt, tiny
+from test_blended_prefill import N, cold, plan_of, prompt, rope_spec_of, tiny
 
-from semblend.integration.transformers.blend import TransformersModelView, model_support
+from semblend.integration.transformers.blend import TransformersModelView
 from semblend_core.blended_prefill import assemble_kv, run_blended_prefill
 from semblend_core.layer_graphs import LayerLoopGraphs, token_bucket
 from semblend_core.plan import Span
@@ -33,9 +33,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def spec(model):
-    ok, reason, rope_spec = model_support(model)
-    assert ok, reason
-    return rope_spec
+    return rope_spec_of(model)
 
 
 def graphs_for(model, **kw):
@@ -187,9 +185,7 @@ cuda = pytest.mark.gpu  # CUDA graph capture: auto-skipped without a GPU (run on
 
 def _cuda_model(dtype):
     m = tiny("qwen2").to("cuda", dtype)
-    ok, reason, rope_spec = model_support(m)
-    assert ok, reason
-    return m, rope_spec
+    return m, rope_spec_of(m)
 
 
 @cuda
