@@ -224,6 +224,8 @@ class LayerLoopGraphs:
     def _disable(self, why: str) -> None:
         self.disabled = why
         self._drop_graphs()
+        self._k = self._v = None  # the scratch is never handed out again: give its memory back
+        self._capacity = 0
         logger.warning("SemBlend: CUDA graphs of the blend executor switched off: %s; hits run eagerly", why)
 
     def summary(self) -> dict[str, Any]:
