@@ -185,3 +185,30 @@ def test_a_failed_blend_reports_the_credited_blocks_and_writes_nothing(breakage)
     for name, t in caches.items():
         assert torch.equal(before[name], t)
     assert not worker._leases._exit_callbacks
+
+
+@pytest.mark.parametrize("local", [0, 16])
+def test_a_static_blend_runs_through_the_workers_layer_graphs(local):
+    """The worker hands the graphs' scratch to assemble_kv and the graphs to the executor: same cache rows as the
+    eager executor, vLLM's own rows read into the graphs' scratch. On CPU the graphs object is the stand-in that
+    runs its padded loop eagerly (``capture=False``); ``set_blend_view`` builds real ones only on a CUDA worker."""
+    from semblend_core.layer_graphs import LayerLoopGraphs
+
+    layout, kind = LAYOUTS[0]
+    worker, caches, layers, backend, kv, view = setup(layout, kind)
+    worker.set_blend_view(view, graph_tokens=4096)
+    assert worker.blend_graphs is None  # a CPU worker: no CUDA graphs
+    worker.blend_graphs = LayerLoopGraphs(view, max_tokens=4096, device="cpu", dtype=torch.float32, capture=False)
+    spec = spec_for(local, check_layer=None)  # no check: the fresh rows are the same at every layer
+    want_k, want_v = expected(spec, kv, view, layers, backend)
+    for round_ in range(2):  # the first blend builds the (stand-in) graph, the second replays it
+        worker.start_load(StepPlan(blends=(spec,)))
+        worker.wait_for_save(StepPlan(blends=(spec,)))
+        assert worker.take_load_errors() == set() and not worker.take_report().load_failed
+        slots = spec.slots()
+        for layer in range(H.NUM_LAYERS):
+            k, v = backend.read(layers[layer], slots[local:])
+            torch.testing.assert_close(k, want_k[layer, local:], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, want_v[layer, local:], rtol=1e-5, atol=1e-5)
+    graphs = worker.blend_graphs
+    assert (graphs.captures, graphs.replays, dict(graphs.fallbacks)) == (1, 1, {})
