@@ -195,7 +195,7 @@ def test_a_static_blend_runs_through_the_workers_layer_graphs(local):
     from semblend_core.layer_graphs import LayerLoopGraphs
 
     layout, kind = LAYOUTS[0]
-    worker, caches, layers, backend, kv, view = setup(layout, kind)
+    worker, _, layers, backend, kv, view = setup(layout, kind)
     worker.set_blend_view(view, graph_tokens=4096)
     assert worker.blend_graphs is None  # a CPU worker: no CUDA graphs
     worker.blend_graphs = LayerLoopGraphs(view, max_tokens=4096, device="cpu", dtype=torch.float32, capture=False)
