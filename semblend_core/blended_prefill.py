@@ -45,6 +45,9 @@ Which positions are active (CacheBlend-style, with EPIC's seam heads):
   ``l``: early layers get the policy's high counts, later layers never exceed it. The late-layer rise of a bathtub
   cannot be honoured by hidden-state propagation and is deliberately not approximated.
 
+A run whose fresh rows are the same at every layer (no check; selected tokens, if any, fresh at all layers) can
+replay its loop from CUDA graphs (``graphs=``, ``semblend_core.layer_graphs``; the loop is :func:`static_layers`).
+
 Everything runs in the view's dtype on the device of ``k``; callers wrap it in ``torch.no_grad()`` (or
 ``inference_mode``). Needs the ``gpu`` extra (torch; triton for the fused kernels on CUDA). Importing
 ``semblend_core`` does not import this module, and importing this module does not import torch.
@@ -331,8 +334,9 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
             hit): never recomputed, never selection candidates (even where the plan has no span), attended to as
             they are. ``0 <= fixed_prefix <= reuse_len``.
         graphs: a ``semblend_core.layer_graphs.LayerLoopGraphs`` of this view: a run whose fresh rows are the
-            same at every layer (no check; a selection only if its tokens are fresh at every layer) replays its captured loop when ``k``/``v`` are
-            views of its scratch; anything it cannot take runs eagerly. Same results either way (up to rounding).
+            same at every layer (no check; a selection only if its tokens are fresh at every layer) replays its
+            captured loop when ``k``/``v`` are views of its scratch; anything it cannot take runs eagerly. Same
+            results either way (up to rounding).
 
     Returns ``(stats, logits)``: float32 logits ``[vocab]`` of the last prompt token, or None with
     ``logits=False``. Running the suffix inside the same loop (instead of the model's forward on the assembled
@@ -409,7 +413,7 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
     if graphs is not None and static:
         replayed = graphs.run(ids, active, k, v)
         if replayed is not None:
-            return _finish_static(view, replayed, active, k, v, reuse_len, logits,
+            return _finish_static(view, replayed, active, k, v, logits,
                                   BlendStats(reuse_len, (int(np.searchsorted(active, reuse_len)),) * num_layers,
                                              False, mandatory_prefix, probe_cost, fixed_prefix))
     pos_t = to_device(active, device)
@@ -485,7 +489,7 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
 
 
 def _finish_static(view: BlendModelView, replayed: tuple[Any, Any], active: np.ndarray, k: Any, v: Any,
-                   reuse_len: int, logits: bool, stats: BlendStats) -> tuple[BlendStats, Any]:
+                   logits: bool, stats: BlendStats) -> tuple[BlendStats, Any]:
     """After a static loop (``graphs.run``): with logits, the last layer for the last token only (as the eager
     loop does), then the LM head."""
     if not logits:
