@@ -117,6 +117,9 @@ def variant_set(which: str) -> list[Variant]:
         Variant("query_1", "query", 0.01),
         Variant("query_2_no_seams", "query", 0.02, seam_tokens=0),
         Variant("position_2", "position", 0.02),
+        # Larger budgets, for layouts the cheap points leave far from cold (RAG over several donors).
+        Variant("position_15", "position", 0.15),
+        Variant("position_30", "position", 0.30),
         Variant("query_2_probe1", "query", 0.02, probe_layers=1),
         Variant("query_2_probe4", "query", 0.02, probe_layers=4),
         Variant("query_5_half_depth", "query", 0.05, depth=0.5),
