@@ -607,13 +607,7 @@ def _profiled(bench: Bench, prompt: list[int], trace: Path | None = None) -> dic
         if torch.cuda.is_available():
             out.update(gpu_busy(prof))
         if trace is not None:
-            import gzip
-
-            raw = trace.with_suffix("")
-            prof.export_chrome_trace(str(raw))
-            with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
-                dst.write(src.read())
-            raw.unlink()
+            prof.export_chrome_trace(str(trace))  # torch gzips a ".gz" path itself
             out["trace"] = trace.name
         return out
     except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the timings

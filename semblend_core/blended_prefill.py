@@ -65,7 +65,8 @@ import numpy as np
 
 from semblend_core.plan import SemanticKvPlan
 
-__all__ = ["BlendModelView", "BlendStats", "assemble_kv", "run_blended_prefill", "static_layers", "to_device"]
+__all__ = ["BlendModelView", "BlendStats", "assemble_kv", "relative_error", "run_blended_prefill", "static_layers",
+           "to_device"]
 
 
 class BlendModelView(ABC):
@@ -224,17 +225,28 @@ def assemble_kv(plan: SemanticKvPlan, donor_kv: Any, prefix_len: int, spec: Any,
     return k_store.transpose(1, 2), v_store.transpose(1, 2)
 
 
-def to_device(array: np.ndarray, device: Any) -> Any:
+def to_device(array: np.ndarray, device: Any, *, out: Any = None) -> Any:
     """An integer numpy array as a tensor on ``device`` without stalling the host: on CUDA through pinned memory
     with a non-blocking copy. (A copy from pageable memory first waits for every kernel queued before it, so each
     index upload in the layer loop used to stop the host from running ahead of the GPU.) Elsewhere the tensor
-    shares the array's memory."""
+    shares the array's memory. ``out``: a tensor of the array's shape on ``device`` to copy into (a static buffer,
+    e.g. a CUDA graph's input), returned."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(array))
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+    cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    if out is not None:
+        return out.copy_(t.pin_memory() if cuda else t, non_blocking=cuda)
+    if not cuda:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def relative_error(got: Any, want: Any) -> float:
+    """``||got - want|| / ||want||`` in float32 (a zero ``want`` counts as 1e-30): how self-checks compare a fast
+    path with its reference. One host sync on CUDA."""
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
 
 
 def _nested_counts(plan: SemanticKvPlan, num_layers: int, candidates: int, check_layer: int) -> list[int]:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from semblend_core.blended_prefill import BlendModelView, static_layers
+from semblend_core.blended_prefill import BlendModelView, relative_error, static_layers, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +150,7 @@ class LayerLoopGraphs:
         positions[:, :m] = active
         positions[0, m:] = bucket  # padding writes the spare row ...
         positions[1, m:] = 0  # ... and sits at position 0 (attends key 0 only)
-        pos = self._pos[:, :rows]
-        host = torch.from_numpy(positions)
-        # Pinned + non-blocking: a copy from pageable memory would wait for every kernel queued before it.
-        pos.copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
+        pos = to_device(positions, self.device, out=self._pos[:, :rows])
         torch.index_select(ids, 0, pos[1, :m], out=self._ids[:m])
         key = (rows, bucket)
         entry = self._graphs.get(key)
@@ -164,12 +161,10 @@ class LayerLoopGraphs:
                 return None
             self._graphs[key] = entry
             return entry.q, entry.hidden  # the warm-up / self-check already ran this hit
-        if entry.graph is None:
-            q, hidden = self._loop(rows, bucket)
-            entry = _Graph(None, q, hidden)
-        else:
-            entry.graph.replay()
         self.replays += 1
+        if entry.graph is None:  # the eager stand-in
+            return self._loop(rows, bucket)
+        entry.graph.replay()
         return entry.q, entry.hidden
 
     def _loop(self, rows: int, bucket: int) -> tuple[Any, Any]:
@@ -200,7 +195,7 @@ class LayerLoopGraphs:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 q, hidden = self._loop(rows, bucket)
             graph.replay()
-            err = max(_rel_err(q[:m], q_ref), _rel_err(hidden[:m], hidden_ref))  # one sync, once per graph
+            err = max(relative_error(q[:m], q_ref), relative_error(hidden[:m], hidden_ref))  # one sync, once per graph
         except Exception as exc:  # noqa: BLE001 -- a graph that cannot be captured means eager hits, never a crash
             self._disable(f"capture failed ({type(exc).__name__}: {exc})")
             return None
@@ -233,8 +228,3 @@ class LayerLoopGraphs:
         return {"capture": self.capture, "captures": self.captures, "replays": self.replays,
                 "graphs": sorted(self._graphs), "scratch_tokens": self._capacity, "disabled": self.disabled,
                 "fallbacks": dict(self.fallbacks)}
-
-
-def _rel_err(got: Any, want: Any) -> float:
-    want = want.float()
-    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))

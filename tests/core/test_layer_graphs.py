@@ -222,7 +222,7 @@ def test_a_failed_self_check_switches_graphs_off_and_the_hit_still_runs(monkeypa
     model, spec = _cuda_model(torch.float32)
     view = TransformersModelView(model)
     graphs = LayerLoopGraphs(view, max_tokens=4096, device="cuda", dtype=torch.float32)
-    monkeypatch.setattr(layer_graphs, "_rel_err", lambda got, want: 1.0)
+    monkeypatch.setattr(layer_graphs, "relative_error", lambda got, want: 1.0)
     ids = prompt().cuda()
     ref_logits, k_ref, v_ref = cold(model, ids)
     plan = plan_of(SEAMS, N, ranges=((HALF, HALF + 2),))

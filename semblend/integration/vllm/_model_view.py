@@ -36,7 +36,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from semblend_core.blended_prefill import BlendModelView
+from semblend_core.blended_prefill import BlendModelView, relative_error
 
 logger = logging.getLogger(__name__)
 
@@ -276,11 +276,6 @@ def _mlp(kernels: Kernels, mlp: Any, x: Any) -> Any:
     return _linear(kernels, mlp.down_proj, act)
 
 
-def _rel_err(got: Any, want: Any) -> float:
-    want = want.float()
-    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
-
-
 def _plain_linear(linear: Any) -> bool:
     """An unquantized, unsharded linear layer whose forward is ``F.linear(x, weight, bias)`` (bias added)."""
     return (type(getattr(linear, "quant_method", None)).__name__ == "UnquantizedLinearMethod"
@@ -306,7 +301,7 @@ def choose_kernels(view: VllmModelView, *, rows: int = 16) -> Kernels:
 
     def agrees(kind: str, direct: Any, module_call: Any) -> bool:
         try:
-            err = _rel_err(direct(), module_call())
+            err = relative_error(direct(), module_call())
         except Exception as exc:  # noqa: BLE001 -- an op this build lacks or rejects: keep the module call
             logger.info("SemBlend: direct %s kernel unavailable (%s: %s)", kind, type(exc).__name__, exc)
             return False
@@ -369,8 +364,7 @@ def rotary_self_check(view: VllmModelView, model: Any) -> float:
     got_q, got_k = rot(positions, q.reshape(n, -1).clone(), k.reshape(n, -1).clone())
     err = 0.0
     for got, want in ((got_q, want_q), (got_k, want_k)):
-        got = got.reshape(want.shape).float()
-        err = max(err, float((got - want).norm() / want.norm().clamp_min(1e-30)))
+        err = max(err, relative_error(got.reshape(want.shape), want))
     return err
 
 
