@@ -815,8 +815,9 @@ class SchedulerSide:
 
 def _xor_padded(hashes: list[Any], seed: bytes) -> list[Any]:
     """Each hash XORed with the pad ``shake_256(seed)`` of its length (lowest bit set, so no pad is zero), in its
-    own type. vLLM's block hashes are all ``bytes`` of one length: one numpy XOR over the joined hashes (a Python
-    int XOR per block took ~3 ms at 32K tokens); anything else per hash."""
+    own type. vLLM's block hashes are all ``bytes`` of one length: one numpy XOR over the joined hashes instead of
+    a Python int XOR per block (2,044 of them at 32K tokens, on the hit's path before the forward); anything else
+    per hash."""
     pads: dict[int, bytes] = {}
 
     def pad(size: int) -> bytes:
