@@ -614,7 +614,7 @@ def _profiled(bench: Bench, prompt: list[int], trace: Path | None = None) -> dic
         return {"profile_error": repr(exc)}
 
 
-def _cprofiled(bench: Bench, prompt: list[int], top: int = 30) -> dict[str, Any]:
+def _cprofiled(bench: Bench, prompt: list[int], top: int = 50) -> dict[str, Any]:
     """One request under cProfile (host time of everything in this process: scheduler, connector hooks,
     executor, vLLM's forward): the ``top`` functions by own time and by cumulative time, in ms."""
     import cProfile

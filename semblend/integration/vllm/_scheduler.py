@@ -2,7 +2,7 @@
 
 Lifecycle, in the order vLLM calls it (one scheduler process; all methods run on its thread)::
 
-    get_num_new_matched_tokens(request, n_local)   # may repeat for one request while it waits; no side effects
+    get_num_new_matched_tokens(request, n_local)   # may repeat for one request while it waits; salts hashes
     update_state_after_alloc(request, blocks, n)   # the scheduler committed n external tokens: stage the load
     build_connector_meta(scheduler_output)         # once per step: loads + donor captures -> StepPlan
     update_connector_output(report, invalid_ids)   # after the step: what the workers actually did
@@ -34,14 +34,18 @@ Exact-cache safety
 vLLM hashes a request's full blocks from its token ids (chained: block ``i``'s hash covers tokens ``[0, (i+1)*B)``)
 and caches them for any later request with the same tokens. KV loaded from a donor with a position shift, and
 every block computed after it (its attention saw the approximate KV), is *not* what a cold prefill computes, so it
-must never be served as an exact hit. When a load is committed (``update_state_after_alloc``) and its first span is
-not context-exact, the connector (1) evicts from the prefix-cache table the request's blocks from the first loaded
-block on (vLLM cached the full ones during allocation, before calling us; ``BlockPool.evict_blocks`` removes only
-the hash entries, the request keeps its blocks), and (2) re-salts ``request.block_hashes`` from that block on with
-a per-request secret, so every hash vLLM later derives for this request (prompt tail, decode) is unique and no
-other request can match it. Blocks before the load (vLLM's own exact hit) keep their hashes. A context-exact load
-(donor and target both start at token 0: the donor's KV is bit-for-bit what this prompt would compute) is left
-shareable.
+must never be served as an exact hit. So when the connector offers such a credit (``get_num_new_matched_tokens``,
+before vLLM allocates), it re-salts ``request.block_hashes`` from the first approximate block on with a
+per-request secret. vLLM then caches the blocks it allocates for the credit under those salted hashes, and every
+hash it later derives for this request (prompt tail, decode) chains on them: unique, no other request can match
+it. Blocks before the credit (vLLM's own exact hit) keep their hashes. A context-exact load (donor and target both
+start at token 0: the donor's KV is bit-for-bit what this prompt would compute) is left shareable.
+
+Salting at the offer costs nothing when vLLM does not take it: the request then computes its KV itself, under
+hashes nobody else looks up (a lost sharing opportunity, never a wrong hit). Had the hashes not been salted before
+the allocation (never expected), ``update_state_after_alloc`` evicts the request's blocks from the prefix-cache
+table (``BlockPool.evict_blocks`` removes only the hash entries; the request keeps its blocks) and salts them then.
+Salting at the offer keeps ``evict_blocks`` (~2,000 blocks at 32K tokens) off the hit's path before the forward.
 """
 
 from __future__ import annotations
@@ -129,6 +133,7 @@ class _RequestState:
     credited: int = 0          # tokens credited to vLLM at the last admission
     finished_at_step: int | None = None  # request_finished came while its load result was still due
     tainted_from_block: int | None = None  # hash-block index from which block hashes were re-salted
+    approximate: bool = False  # approximate KV was committed into its blocks: never a donor
     block_ids: list[int] = field(default_factory=list)
     capture_issued: bool = False
     load_in_flight: tuple[LoadSpec | BlendSpec, ...] | None = None
@@ -234,7 +239,18 @@ class SchedulerSide:
         confirmed the load, with the tokens they loaded)."""
         if st.outcome_recorded:
             return
+        if (outcome != Outcome.MATERIALIZED and st.pending is not None and st.pending[0] == Outcome.MATERIALIZED
+                and self._resumes_on_own_blocks(st)):
+            return  # the request runs on the KV its earlier load materialized: that outcome stands
         st.pending = (outcome, reason or plan.reason, int(loaded_tokens))
+
+    def _resumes_on_own_blocks(self, st: _RequestState) -> bool:
+        """vLLM's hit for this admission reaches into the request's own salted blocks: after a preemption, vLLM
+        finds them under the hashes only this request carries, so the request resumes on its own approximate KV
+        (as if never preempted; no other request can reach them)."""
+        d = st.decision
+        return (st.approximate and d is not None and st.tainted_from_block is not None
+                and d.num_local > st.tainted_from_block * self.hash_block_size)
 
     def _finalize(self, st: _RequestState) -> None:
         """Record the request's one outcome in the pipeline's telemetry and in the connector stats (Prometheus),
@@ -318,8 +334,15 @@ class SchedulerSide:
                     self._count_plan_outcome(st, st.plan, reason if st.plan.is_hit and not would else None)
                 return 0, False
             if self.adapter.blend:
-                return self._decide_blend(st, num_computed_tokens).credit, False
-            return self._decide(st, request, num_computed_tokens).credit, False
+                d = self._decide_blend(st, num_computed_tokens)
+                approx = d.num_local if d.credit else None  # the whole blended range is approximate
+            else:
+                d = self._decide(st, request, num_computed_tokens)
+                approx = _approximate_from(d.segments, d.num_local, d.num_local + d.credit) if d.credit else None
+            if approx is not None:
+                # Before vLLM allocates: it caches the credited blocks under the salted hashes (module docstring).
+                self._salt(request, st, approx)
+            return d.credit, False
         except Exception as exc:  # noqa: BLE001 -- rule 5: never fail inference
             logger.warning("SemBlend: planning for %s failed (%s: %s); normal prefill",
                            getattr(request, "request_id", "?"), type(exc).__name__, exc)
@@ -554,17 +577,18 @@ class SchedulerSide:
                 donor_start=donor_start + (lo - target_start), target_start=lo, num_tokens=hi - lo,
                 block_ids=tuple(st.block_ids[lo // bs: -(-hi // bs)]), block_size=bs,
             ))
-        # KV is context-exact only where donor and target share everything before it: inside the first piece, when
-        # it starts at token 0 of both. From the first other piece on, blocks must stay out of the exact cache.
-        exact_end = d.segments[0][2] if d.segments[0][:2] == (0, 0) else 0
-        approx = [sp.target_start for sp in specs if sp.target_start >= exact_end]
-        if approx:
-            self._taint(request, st, min(approx))
+        approx = _approximate_from(d.segments, start, end)
+        if approx is not None:
+            self._taint(request, st, approx)
         self._pending_loads[st.req_id] = tuple(specs)
         st.credited = num_external_tokens
 
     def _taint(self, request: Any, st: _RequestState, start_token: int) -> None:
-        """Keep this request's blocks from ``start_token`` on out of vLLM's exact prefix cache (module docstring)."""
+        """Committed: approximate KV goes into this request's blocks from ``start_token`` on. Keep them out of vLLM's
+        exact prefix cache (module docstring) and out of the donors."""
+        st.approximate = True
+        if st.tainted_from_block is not None and st.tainted_from_block <= start_token // self.hash_block_size:
+            return  # salted when the credit was offered: vLLM cached these blocks under the salted hashes
         first_block = start_token // self.block_size
         if self._block_pool is not None:
             evict = {b for b in st.block_ids[first_block:] if b is not None}
@@ -573,18 +597,22 @@ class SchedulerSide:
         else:
             logger.warning("SemBlend: no block pool bound; approximate blocks of %s may stay in the prefix cache",
                            st.req_id)
+        self._salt(request, st, start_token)
+
+    def _salt(self, request: Any, st: _RequestState, start_token: int) -> None:
+        """Re-salt ``request.block_hashes`` from the hash block holding ``start_token`` on (idempotent)."""
         k = start_token // self.hash_block_size
         if st.tainted_from_block is not None and st.tainted_from_block <= k:
-            return  # already unique from an earlier admission (preempted and resumed)
+            return  # already unique from an earlier offer or admission
         hashes = request.block_hashes
         # Each hash from block k on is XORed with a pad only this scheduler knows (its random secret, the request
-        # id): no other request's honest or tainted hash can equal it except by a 2^-(8 * len) accident, and blocks
-        # vLLM hashes later chain on a tainted parent. (A chained sha256 per block cost ~2 ms of the hit's critical
-        # path at 8K tokens.) Blocks tainted before are left alone: a second XOR undoes one.
+        # id): no other request's honest or salted hash can equal it except by a 2^-(8 * len) accident, and blocks
+        # vLLM hashes later chain on a salted parent. (A chained sha256 per block cost ~2 ms of the hit's critical
+        # path at 8K tokens.) Blocks salted before are left alone: a second XOR undoes one.
         end = len(hashes) if st.tainted_from_block is None else min(st.tainted_from_block, len(hashes))
-        seed = b"semblend-approximate-kv" + self._secret + st.req_id.encode()
-        for i, new in zip(range(k, end), _xor_padded([hashes[i] for i in range(k, end)], seed)):
-            hashes[i] = new
+        if k < end:
+            seed = b"semblend-approximate-kv" + self._secret + st.req_id.encode()
+            hashes[k:end] = _xor_padded(list(hashes[k:end]), seed)
         st.tainted_from_block = k
 
     # ------------------------------------------------------------------ build_connector_meta
@@ -644,7 +672,7 @@ class SchedulerSide:
         """Capture the prompt's KV as a donor in the step its last prompt token is computed."""
         if (st.capture_issued or st.unsupported or tokens_done < st.num_prompt_tokens
                 or self._registers_without_kv  # blend cannot run here: donors are registered for evidence only
-                or st.tainted_from_block is not None  # approximate KV never becomes a donor
+                or st.approximate  # approximate KV never becomes a donor
                 or st.num_prompt_tokens < max(self.adapter.min_donor_tokens, 1)):
             return
         n = st.num_prompt_tokens
@@ -811,6 +839,20 @@ class SchedulerSide:
     # ------------------------------------------------------------------ introspection
     def resident_donors(self) -> int:
         return sum(1 for r in self._resident.values() if r.votes >= self.num_workers)
+
+
+def _approximate_from(segments: Sequence[tuple[int, int, int]], start: int, end: int) -> int | None:
+    """First target token of ``[start, end)`` whose loaded KV is approximate, for prefix-mode pieces
+    ``(donor_start, target_start, length)``; None when all of it is context-exact. KV is context-exact only where
+    donor and target share everything before it: inside the first piece, when it starts at token 0 of both. From
+    the first other piece on, blocks must stay out of the exact cache."""
+    if not segments:
+        return None
+    exact_end = segments[0][2] if segments[0][:2] == (0, 0) else 0
+    starts = [max(start, target_start) for _, target_start, length in segments
+              if max(start, target_start) < min(end, target_start + length)]
+    approx = [lo for lo in starts if lo >= exact_end]
+    return min(approx) if approx else None
 
 
 def _xor_padded(hashes: list[Any], seed: bytes) -> list[Any]:

@@ -236,9 +236,13 @@ def test_semantically_loaded_blocks_never_become_exact_prefix_hits(model_dir):
     eng = with_donor(prefix_engine(model_dir))
     # Control: the donor's own blocks are exact and shareable.
     assert local_hit(eng, A + D) == 256 - BS  # a prompt never hits its own last token
+    pool = eng.connector.scheduler_side._block_pool
+    evicted, evict = [], pool.evict_blocks
+    pool.evict_blocks = lambda ids: evicted.append(set(ids)) or evict(ids)
     target = eng.add(H.make_request(D + Q, req_id="target", max_tokens=40))
     r = eng.step()
     assert r.loads and r.loads[0].delta == -64
+    assert evicted == []  # salted when offered: vLLM cached the loaded blocks under salted hashes
     # While it runs and after it finished, no other request may get its blocks from the exact cache: neither the
     # loaded prefix nor what was computed after it (that attention read approximate KV).
     assert local_hit(eng, D + Q) == 0

@@ -47,6 +47,14 @@ def with_donors(eng, *prompts):
     return eng
 
 
+def spy_evictions(eng):
+    """Every ``BlockPool.evict_blocks`` call the connector makes from now on (the block ids of each call)."""
+    pool = eng.connector.scheduler_side._block_pool
+    calls, evict = [], pool.evict_blocks
+    pool.evict_blocks = lambda ids: calls.append(set(ids)) or evict(ids)
+    return calls
+
+
 def assert_cold_kv(eng, tokens, positions, blocks):
     for layer in range(H.NUM_LAYERS):
         k, v = eng.model.read(layer, positions, blocks)
@@ -58,9 +66,11 @@ def assert_cold_kv(eng, tokens, positions, blocks):
 def test_instruction_before_document_is_credited_over_90_percent(model_dir):
     """The layout prefix mode reuses nothing of (0 tokens: the document does not start at token 0)."""
     eng = with_donors(blend_engine(model_dir), A + D)
+    evicted = spy_evictions(eng)
     target = I + D + Q                                          # 624 tokens; the document at 32 (donor: at 64)
     eng.add(H.make_request(target, req_id="target", max_tokens=20))
     r = eng.step()
+    assert evicted == []  # salted when offered: vLLM cached the credited blocks under salted hashes
     new = r.output.scheduled_new_reqs[0]
     assert new.num_computed_tokens == 608 and 608 / len(target) > 0.9
     assert r.output.num_scheduled_tokens["target"] == len(target) - 608
@@ -201,11 +211,18 @@ def test_preempted_blend_keeps_one_plan_and_records_one_outcome(model_dir):
     eng.add(H.make_request(I + doc + Q, req_id="target", max_tokens=120))
     results = eng.run_until_done(max_steps=600)
     assert "target" in set().union(*(r.output.preempted_req_ids or set() for r in results))
-    assert calls.count(tuple(I + doc + Q)) == 1                 # planned once, re-credited on re-admission
-    assert len(eng.blends_seen) >= 2 and {b.req_id for b in eng.blends_seen} == {"target"}
+    assert calls.count(tuple(I + doc + Q)) == 1                 # planned once
+    # Admitted again, the target finds its own blocks under the salted hashes only it carries and resumes on
+    # them (as vLLM resumes any preempted request from its cached blocks): one blend, no second one.
+    admitted = [n.num_computed_tokens for r in results for n in r.output.scheduled_new_reqs if n.req_id == "target"]
+    assert len(admitted) == 2 and admitted[0] == 224 and admitted[1] >= 224
+    assert [b.req_id for b in eng.blends_seen] == ["target"]
     stats = eng.connector.semblend_stats()
     assert sum(stats["outcomes"].values()) == 3 and stats["outcomes"]["materialized"] == 1
     assert_cold_kv(eng, I + doc + Q, range(224), eng.block_ids["target"])
+    # ... and nobody else can: no exact hit on its prompt, none of its blocks under an exact hash.
+    assert local_hit(eng, I + doc + Q) == 0
+    assert blocks_under_exact_hashes(eng, "target", list(eng.requests["target"].all_token_ids)) == []
     assert_no_leaks(eng)
 
 
