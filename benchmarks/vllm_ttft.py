@@ -923,8 +923,9 @@ def plot_blend(path: Path) -> Path:
                     ax.annotate(f"{hit['speedup']:.1f}x", (r["prompt_tokens"], hit["median_ms"]), fontsize=7,
                                 textcoords="offset points", xytext=(4, -10))
         _style_panel(ax, data, engine, "prompt tokens (instruction before the document)", "ms", fontsize=7, ncol=2)
-    return _save_figure(fig, path, "SemBlendConnectorV1 blend mode vs cold: TTFT (solid) and GPU-busy (dotted), "
-                        "Qwen2.5-7B config, RANDOM weights (load_format=dummy), bf16", fontsize=9)
+    sep = " " if len(engines) > 1 else "\n"  # one panel is too narrow for the title on one line
+    return _save_figure(fig, path, "SemBlendConnectorV1 blend mode vs cold: TTFT (solid) and GPU-busy (dotted)," + sep
+                        + "Qwen2.5-7B config, RANDOM weights (load_format=dummy), bf16", fontsize=9)
 
 
 def _add_blend_parsers(sub: Any) -> None:
