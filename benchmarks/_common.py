@@ -16,10 +16,13 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 
-def write_json(result: Any, path: Path) -> Path:
-    """Write ``result`` as indented JSON (``NaN`` kept out: it is not JSON)."""
+def write_json(result: Any, path: Path, *, compact: bool = False) -> Path:
+    """Write ``result`` as indented JSON (``NaN`` kept out: it is not JSON). ``compact``: one line, for files of
+    many per-hit records (indenting puts every float of a list on its own line: several times the size)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    text = json.dumps(result, separators=(",", ":"), allow_nan=False) if compact else \
+        json.dumps(result, indent=2, allow_nan=False)
+    path.write_text(text + "\n")
     return path
 
 

@@ -519,6 +519,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _rounded(value: Any, digits: int = 4) -> Any:
+    """Floats of per-hit records to ``digits`` significant digits (they are measurements: the summary is computed
+    before rounding; a re-merge summarizes the rounded records). Halves the files of a 50-hit frontier."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    return value
+
+
 def merge(out_path: Path, inputs: list[Path]) -> dict[str, Any]:
     """Join result files of one model entry split by layout (parallel runs) into one file, re-summarized."""
     import json
@@ -541,9 +553,10 @@ def merge(out_path: Path, inputs: list[Path]) -> dict[str, Any]:
         names = list(dict.fromkeys(r["variant"] for r in entry["records"]))
         vs = [v for v in variant_set("all") if v.name in names]
         entry["summary"] = summarize(entry["records"], vs)
+        entry["records"] = _rounded(entry["records"])
         entry["meets_targets"] = {lay: sorted(n for n, e in s.items() if meets(entry["model_key"], e))
                                   for lay, s in entry["summary"].items()}
-    write_json(merged, out_path)
+    write_json(merged, out_path, compact=True)
     plot(merged, out_path.with_suffix(".png"))
     return merged
 
@@ -609,14 +622,14 @@ def main() -> None:
             "answer_tokens": args.answer_tokens, "wall_s": time.perf_counter() - t0, "summary": summary,
             "meets_targets": {lay: sorted(n for n, e in s.items() if meets(args.model, e))
                               for lay, s in summary.items()},
-            "records": all_records,
+            "records": _rounded(all_records),
         }
         out = Path(args.out)
         path = out / f"quality_frontier_{args.tag}.json"
         result = json.loads(path.read_text()) if path.is_file() else {
             "benchmark": "quality_frontier", "dataset": dataset, "targets": TARGETS, "models": {}}
         result["models"][key] = entry
-        write_json(result, path)
+        write_json(result, path, compact=True)
         if final and not args.no_plot:
             plot(result, out / f"quality_frontier_{args.tag}.png")
         return summary
