@@ -421,13 +421,17 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
     if active.size == 0:  # logits=False only: every row below reuse_len is reused as it is
         return BlendStats(reuse_len, (0,) * num_layers, False, 0, probe_cost, fixed_prefix), None
     # Static: the fresh rows are the same at every layer (no check; selected tokens, if any, fresh at all layers).
-    static = not check and (sel_depth is None or bool((sel_depth[sel_depth > 0] >= num_layers).all()))
-    if graphs is not None and static:
-        replayed = graphs.run(ids, active, k, v)
-        if replayed is not None:
-            return _finish_static(view, replayed, active, k, v, logits,
-                                  BlendStats(reuse_len, (int(np.searchsorted(active, reuse_len)),) * num_layers,
-                                             False, mandatory_prefix, probe_cost, fixed_prefix))
+    # One loop for it, static_layers: replayed from its CUDA graph when ``graphs`` has one, else run as it is.
+    if not check and (sel_depth is None or bool((sel_depth[sel_depth > 0] >= num_layers).all())):
+        replayed = graphs.run(ids, active, k, v) if graphs is not None else None
+        if replayed is None:
+            pos_t = to_device(active, device)
+            replayed = static_layers(view, ids[pos_t], pos_t, pos_t, k, v)
+        return _finish_static(view, replayed, active, k, v, logits,
+                              BlendStats(reuse_len, (int(np.searchsorted(active, reuse_len)),) * num_layers,
+                                         False, mandatory_prefix, probe_cost, fixed_prefix))
+    # Otherwise the fresh rows change between layers: at the check layer (ranked by deviation) or where selected
+    # tokens stop.
     pos_t = to_device(active, device)
     hidden = view.embed(ids[pos_t])  # [n, hidden]: 2-D end to end, so every projection is one mm
     cos, sin = view.rotary(pos_t)  # recomputed only when the active set changes
@@ -502,8 +506,8 @@ def run_blended_prefill(view: BlendModelView, input_ids: Any, k: Any, v: Any, pl
 
 def _finish_static(view: BlendModelView, replayed: tuple[Any, Any], active: np.ndarray, k: Any, v: Any,
                    logits: bool, stats: BlendStats) -> tuple[BlendStats, Any]:
-    """After a static loop (``graphs.run``): with logits, the last layer for the last token only (as the eager
-    loop does), then the LM head."""
+    """After :func:`static_layers` (replayed or run): with logits, the last layer for the last token only (as the
+    changing-rows loop does), then the LM head."""
     if not logits:
         return stats, None
     from semblend_core.partial_attention import partial_attention
