@@ -41,11 +41,12 @@
 #      per layout. The committed vllm_blend_quality_h200.json came from two calls on 2026-12-01: cold + prefix with a
 #      250 s budget, which cut the blend engine, then `vllm_quality.py blend-engine --role blend --cold <that cold
 #      file>` alone, summarized here with `blend-summarize`.)
-# When the tracked tree (~9 MB with the results) no longer fits beside vLLM's 62.9 MB chunk 1, split the chunk:
-#   mkdir -p .carry/h1 .carry/h2b; head -c 55000000 .gpu-vllm/c1/*.part-aa > .carry/h1/aa.0
-#   tail -c +55000001 .gpu-vllm/c1/*.part-aa > .carry/h2b/aa.1
+# When the tracked tree (~12 MB with the results on 2026-12-01; a 55 MB first piece no longer fit beside it) no
+# longer fits beside vLLM's 62.9 MB chunk 1, split the chunk:
+#   mkdir -p .carry/h1 .carry/h2b; head -c 50000000 .gpu-vllm/c1/*.part-aa > .carry/h1/aa.0
+#   tail -c +50000001 .gpu-vllm/c1/*.part-aa > .carry/h2b/aa.1
 #   1. carry [".carry/h1"]:                              mkdir -p /tmp/stage && cp .carry/h1/aa.0 /tmp/stage/
-#   2. carry [".gpu-vllm/c2", ".carry/vblend", ".carry/h2b"] (~53 MB with the tree):
+#   2. carry [".gpu-vllm/c2", ".carry/vblend", ".carry/h2b"] (~61 MB with the tree):
 #      cat /tmp/stage/aa.0 .carry/h2b/aa.1 > /tmp/stage/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl.part-aa &&
 #      rm /tmp/stage/aa.0 && BLEND_TTFT_ARGS='...' bash .carry/vblend/benchmarks/h200_vllm.sh blend_ttft
 #   (install.sh checks the joined chunk's sha256). The 2026-12-01 18:00 runs (executor CUDA graphs) used

@@ -587,7 +587,7 @@ class SchedulerSide:
         """Committed: approximate KV goes into this request's blocks from ``start_token`` on. Keep them out of vLLM's
         exact prefix cache (module docstring) and out of the donors."""
         st.approximate = True
-        if st.tainted_from_block is not None and st.tainted_from_block <= start_token // self.hash_block_size:
+        if self._salted(st, start_token):
             return  # salted when the credit was offered: vLLM cached these blocks under the salted hashes
         first_block = start_token // self.block_size
         if self._block_pool is not None:
@@ -599,11 +599,15 @@ class SchedulerSide:
                            st.req_id)
         self._salt(request, st, start_token)
 
+    def _salted(self, st: _RequestState, start_token: int) -> bool:
+        """The request's hashes are already salted from the hash block holding ``start_token`` on (or earlier)."""
+        return st.tainted_from_block is not None and st.tainted_from_block <= start_token // self.hash_block_size
+
     def _salt(self, request: Any, st: _RequestState, start_token: int) -> None:
         """Re-salt ``request.block_hashes`` from the hash block holding ``start_token`` on (idempotent)."""
-        k = start_token // self.hash_block_size
-        if st.tainted_from_block is not None and st.tainted_from_block <= k:
+        if self._salted(st, start_token):
             return  # already unique from an earlier offer or admission
+        k = start_token // self.hash_block_size
         hashes = request.block_hashes
         # Each hash from block k on is XORed with a pad only this scheduler knows (its random secret, the request
         # id): no other request's honest or salted hash can equal it except by a 2^-(8 * len) accident, and blocks

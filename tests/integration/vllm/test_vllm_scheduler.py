@@ -67,6 +67,14 @@ def blocks_under_exact_hashes(eng, req_id, tokens):
     return held
 
 
+def spy_evictions(eng):
+    """Every ``BlockPool.evict_blocks`` call the connector makes from now on (the block ids of each call)."""
+    pool = eng.connector.scheduler_side._block_pool
+    calls, evict = [], pool.evict_blocks
+    pool.evict_blocks = lambda ids: calls.append(set(ids)) or evict(ids)
+    return calls
+
+
 def local_hit(eng, tokens):
     """Tokens vLLM's exact prefix cache would serve to a fresh request with these tokens."""
     req = H.make_request(tokens)
@@ -236,9 +244,7 @@ def test_semantically_loaded_blocks_never_become_exact_prefix_hits(model_dir):
     eng = with_donor(prefix_engine(model_dir))
     # Control: the donor's own blocks are exact and shareable.
     assert local_hit(eng, A + D) == 256 - BS  # a prompt never hits its own last token
-    pool = eng.connector.scheduler_side._block_pool
-    evicted, evict = [], pool.evict_blocks
-    pool.evict_blocks = lambda ids: evicted.append(set(ids)) or evict(ids)
+    evicted = spy_evictions(eng)
     target = eng.add(H.make_request(D + Q, req_id="target", max_tokens=40))
     r = eng.step()
     assert r.loads and r.loads[0].delta == -64

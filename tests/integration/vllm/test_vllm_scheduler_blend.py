@@ -19,7 +19,7 @@ import json
 
 import torch
 import vllm_harness as H
-from test_vllm_scheduler import assert_no_leaks, blocks_under_exact_hashes, local_hit
+from test_vllm_scheduler import assert_no_leaks, blocks_under_exact_hashes, local_hit, spy_evictions
 
 from semblend.integration.vllm._scheduler import DeclineReason
 from semblend_core.plan import SINK_TOKENS
@@ -45,14 +45,6 @@ def with_donors(eng, *prompts):
         eng.run_until_done()
     assert eng.connector.scheduler_side.resident_donors() == len(prompts)
     return eng
-
-
-def spy_evictions(eng):
-    """Every ``BlockPool.evict_blocks`` call the connector makes from now on (the block ids of each call)."""
-    pool = eng.connector.scheduler_side._block_pool
-    calls, evict = [], pool.evict_blocks
-    pool.evict_blocks = lambda ids: calls.append(set(ids)) or evict(ids)
-    return calls
 
 
 def assert_cold_kv(eng, tokens, positions, blocks):
